@@ -29,6 +29,9 @@ def lower_linear_onnx(view, op: OpRef, q: QLinear) -> None:
         msg = f"node '{op.name}': QDQ lowering needs opset >= {MIN_OPSET}, model has {_opset(model)}"
         raise UnsupportedOpError(msg)
     node = view.node(op)
+    if q.codes is not None and not q.integer_weight:
+        msg = f"node '{op.name}': {q.spec.element.value} block weights are not lowered to ONNX yet (torch target)"
+        raise UnsupportedOpError(msg)
     if q.codes is not None and (
         q.bits != 8 or not q.per_channel or q.zero_points is not None or q.g_idx is not None
     ):

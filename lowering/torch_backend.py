@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from qpass.graph.view import OpRef
-from qpass.qlinear import QLinear, canonical_weight, dequantize_weight, fake_quant_act
+from qpass.qlinear import QLinear, canonical_weight, fake_quant_act
 
 
 class QuantLinear(torch.nn.Module):
@@ -31,7 +31,7 @@ class QuantLinear(torch.nn.Module):
         )
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("weight_g_idx", q.g_idx)
-        w = weight_fp if q.codes is None else dequantize_weight(q.codes, q.scales, q.zero_points, q.g_idx)
+        w = weight_fp if q.codes is None else q.dequantized_weight()
         self.register_buffer("_weight", w.contiguous(), persistent=False)
         self.bits, self.group_size = q.bits, q.group_size
         self.act = q.act

@@ -16,13 +16,40 @@ class ActGranularity(enum.Enum):
     PER_TOKEN = "per_token"
 
 
-# integer formats the torch path runs (reference modules); ONNX lowering takes int8 today
-WEIGHT_FORMATS = ("int8", "int6", "int5", "int4", "int3", "int2")
-ACTIVATION_FORMATS = ("int8", "int6", "int4")
+# integer formats: scales chosen per channel or per `group` (float32 scales, optional zero point)
+INT_FORMATS = ("int8", "int6", "int5", "int4", "int3", "int2")
+# float and block formats (qpass.formats presets): element type, block and scale type are fixed
+# by the format (MX: 32-element blocks with E8M0 scales, NVFP4: 16 with E4M3 scales, BFP: 8)
+BLOCK_FORMATS = (
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "mxfp8",
+    "mxfp8_e5m2",
+    "mxfp6_e3m2",
+    "mxfp6_e2m3",
+    "mxfp4",
+    "mxint8",
+    "nvfp4",
+    "bfp16",
+    "bfp14",
+    "bfp12",
+)
+WEIGHT_FORMATS = INT_FORMATS + BLOCK_FORMATS
+ACTIVATION_FORMATS = ("int8", "int6", "int4", *BLOCK_FORMATS)
 
 
 def format_bits(name: str) -> int:
-    return int(name.removeprefix("int"))
+    """Bits per element (block formats: excluding their shared scales)."""
+    if name in INT_FORMATS:
+        return int(name.removeprefix("int"))
+    from qpass.formats import get_format
+
+    return get_format(name).element.bits
+
+
+def is_block_format(name: str) -> bool:
+    """A float or block format whose scales the format itself fixes (not an INTn with chosen groups)."""
+    return name in BLOCK_FORMATS
 
 
 @dataclass(frozen=True)
@@ -47,6 +74,19 @@ class WeightQuantConfig:
         if self.damp <= 0:
             msg = f"recipe key 'weights.damp': must be > 0, got {self.damp}"
             raise ConfigError(msg)
+        if is_block_format(self.format):
+            if self.group is not None:
+                msg = (
+                    f"recipe key 'weights.group': {self.format} fixes its own blocks; "
+                    f"leave 'group' unset (got {self.group})"
+                )
+                raise ConfigError(msg)
+            if not self.symmetric:
+                msg = f"recipe key 'weights.symmetric': {self.format} is symmetric; set 'symmetric: true'"
+                raise ConfigError(msg)
+            if self.clip_search and self.format not in ("fp8_e4m3", "fp8_e5m2"):
+                msg = f"recipe key 'weights.clip_search': {self.format} scales follow the block absmax"
+                raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
@@ -67,4 +107,10 @@ class ActivationQuantConfig:
             raise ConfigError(msg)
         if self.granularity is ActGranularity.PER_TOKEN and not self.dynamic:
             msg = "recipe key 'activations.dynamic': per_token activation scales must be dynamic (dynamic: true)"
+            raise ConfigError(msg)
+        if is_block_format(self.format) and not self.dynamic:
+            msg = (
+                f"recipe key 'activations.dynamic': {self.format} activations are quantized at run time "
+                "in the format's own blocks (dynamic: true)"
+            )
             raise ConfigError(msg)

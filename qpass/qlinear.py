@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from qpass.calibration import StatKind, StatRequest, Stats
-from qpass.formats import ElementType, Granularity, QuantSpec
+from qpass.formats import ElementType, Granularity, QuantSpec, ScaleType, get_format
+from qpass.formats.quantize import code_values
 from qpass.graph.view import (
     EditPlan,
     GraphView,
@@ -25,7 +26,13 @@ from qpass.graph.view import (
     WeightRef,
     iter_linear_ops,
 )
-from qpass.qconfig import ActGranularity, ActivationQuantConfig, WeightQuantConfig, format_bits
+from qpass.qconfig import (
+    ActGranularity,
+    ActivationQuantConfig,
+    WeightQuantConfig,
+    format_bits,
+    is_block_format,
+)
 
 
 def canonical_weight(weight: torch.Tensor, ref: WeightRef) -> torch.Tensor:
@@ -39,6 +46,9 @@ def canonical_weight(weight: torch.Tensor, ref: WeightRef) -> torch.Tensor:
 
 def weight_spec(cfg: WeightQuantConfig) -> QuantSpec:
     """The formats spec of a weight config, for [out, in] weights."""
+    if is_block_format(cfg.format):  # blocks run along the input channels (the reduction axis)
+        spec = get_format(cfg.format)
+        return spec.replace(axis=0 if spec.granularity is Granularity.PER_CHANNEL else -1)
     if cfg.group is None:
         return QuantSpec(ElementType(cfg.format), Granularity.PER_CHANNEL, axis=0, symmetric=cfg.symmetric)
     return QuantSpec(
@@ -85,13 +95,18 @@ def fake_quant_static(x: torch.Tensor, qp: ActQParams) -> torch.Tensor:
 
 
 def dynamic_spec(cfg: ActivationQuantConfig) -> QuantSpec:
-    """Per-token symmetric INT8, computed at run time."""
+    """Per-token symmetric INTn (or the block format's own blocks along channels), computed at run time."""
+    if is_block_format(cfg.format):
+        spec = get_format(cfg.format)
+        if spec.granularity is Granularity.PER_CHANNEL:  # fp8 with one float32 scale: per token
+            return spec.replace(granularity=Granularity.PER_TOKEN)
+        return spec.replace(axis=-1)
     return QuantSpec(ElementType(cfg.format), Granularity.PER_TOKEN, symmetric=True)
 
 
 def fake_quant_act(x: torch.Tensor, cfg: ActivationQuantConfig, qp: ActQParams | None) -> torch.Tensor:
     if cfg.dynamic or cfg.granularity is ActGranularity.PER_TOKEN:
-        if cfg.granularity is ActGranularity.PER_TOKEN:
+        if cfg.granularity is ActGranularity.PER_TOKEN or is_block_format(cfg.format):
             return dynamic_spec(cfg).fake_quantize(x)
         flat = x.reshape(1, -1)
         return dynamic_spec(cfg).fake_quantize(flat).reshape(x.shape)
@@ -134,13 +149,25 @@ class QLinear:
     bits: int
     act: ActivationQuantConfig | None
     act_qparams: ActQParams | None  # static per-tensor only
+    spec: QuantSpec | None = None  # the weight format; float elements store bit-pattern codes
 
     @property
     def per_channel(self) -> bool:
         return self.scales is not None and self.scales.shape[1] == 1
 
+    @property
+    def integer_weight(self) -> bool:
+        """Plain INTn codes with float32 scales (what QDQ / MatMulNBits / INT kernels take)."""
+        return self.codes is not None and (self.spec is None or not is_block_spec(self.spec))
+
     def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_weight(self.codes, self.scales, self.zero_points, self.g_idx)
+        element = None if self.spec is None else self.spec.element
+        return dequantize_weight(self.codes, self.scales, self.zero_points, self.g_idx, element)
+
+
+def is_block_spec(spec: QuantSpec) -> bool:
+    """Float elements or shared-exponent (E8M0/E4M3) scales: not a plain INTn weight."""
+    return spec.element.is_float or spec.scale_type is not ScaleType.FLOAT32
 
 
 def dequantize_weight(
@@ -148,13 +175,16 @@ def dequantize_weight(
     scales: torch.Tensor,
     zero_points: torch.Tensor | None,
     g_idx: torch.Tensor | None = None,
+    element: ElementType | None = None,
 ) -> torch.Tensor:
     """(codes - zero_points[:, g]) * scales[:, g], g the group of each input channel (`g_idx`, or
-    contiguous groups of equal size), as ONNX Runtime's MatMulNBits computes it.
+    contiguous groups of equal size), as ONNX Runtime's MatMulNBits computes it. Float
+    `element` codes are bit patterns, decoded to their values first.
     """
     if g_idx is None:
-        g_idx = torch.arange(codes.shape[1], device=codes.device) // (codes.shape[1] // scales.shape[1])
-    q = codes.to(torch.float32)
+        group = -(-codes.shape[1] // scales.shape[1])  # the last group may be short
+        g_idx = torch.arange(codes.shape[1], device=codes.device) // group
+    q = code_values(codes, element) if element is not None else codes.to(torch.float32)
     if zero_points is not None:
         q = q - zero_points.to(torch.float32)[:, g_idx]
     return q * scales[:, g_idx]
@@ -222,11 +252,17 @@ def _quantize_linear(
         st = stats[view.linear_input(op)]
         qp = act_qparams(st.tensor_min, st.tensor_max, acfg)
     bits = format_bits(wcfg.format) if wcfg is not None else 32
-    return QLinear(ref, codes, scales, zeros, g_idx, wcfg.group if wcfg else None, bits, acfg, qp)
+    spec = qw.spec if wcfg is not None else None
+    group = wcfg.group if wcfg is not None else None
+    if spec is not None and spec.granularity is Granularity.PER_GROUP:
+        group = spec.group_size
+    return QLinear(ref, codes, scales, zeros, g_idx, group, bits, acfg, qp, spec)
 
 
 def _describe(q: QLinear) -> str:
     w = "w:fp" if q.codes is None else f"w:int{q.bits}/" + (f"g{q.group_size}" if q.group_size else "ch")
+    if q.codes is not None and not q.integer_weight:
+        w = f"w:{q.spec.element.value}/" + (f"b{q.group_size}" if q.group_size else "ch")
     if q.act is None:
         return f"{w} a:fp"
     if q.act_qparams is not None:

@@ -44,7 +44,7 @@ def test_json_and_toml_files(tmp_path):
     [
         ({"pases": []}, "recipe key 'pases' is unknown"),
         ({"weights": {"bits": 4}}, "recipe key 'weights.bits' is unknown"),
-        ({"weights": {"format": "mxfp4"}}, "weights.format.*not supported yet"),
+        ({"weights": {"format": "int9"}}, "weights.format.*not supported yet"),
         ({"weights": {"symmetric": "yes"}}, "weights.symmetric': expected bool, got str"),
         (
             {"activations": {"granularity": "per_row"}},
