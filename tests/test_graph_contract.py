@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpass.graph.view import EditPlan, OpKind, ScaleChannels, iter_linear_ops
+from qpass.graph.view import AddBias, EditPlan, OpKind, ScaleChannels, iter_linear_ops
 from qpass.qlinear import canonical_weight
 
 
@@ -96,3 +96,28 @@ def test_shared_constant_counts_all_users(backend, tmp_path):
 def test_ops_filter_by_kind(bert_case, backend, onnx_dir, kind):
     view = bert_case.view(backend, onnx_dir)
     assert all(op.kind is kind for op in view.ops(frozenset({kind})))
+
+
+def test_add_bias_creates_then_shifts_a_bias(case, backend, onnx_dir):
+    """AddBias on a bias-free linear creates a zero bias first; +d then -d restores the function."""
+    view = case.view(backend, onnx_dir)
+    batch = case.batches_for(backend)[0]
+    ref = view.run(batch)[0]
+    bare = [op for op in iter_linear_ops(view) if view.weight(op).bias is None]
+    biased = [op for op in iter_linear_ops(view) if view.weight(op).bias is not None]
+    assert bare or case.name.startswith("tiny_bert"), "TinyLlama's linears are bias-free"
+    changed = 0
+    for op in bare[:3] + biased[:1]:
+        had = view.weight(op).bias
+        d = torch.linspace(-0.5, 0.5, view.weight(op).out_features)
+        view.apply(EditPlan("t", edits=[AddBias(op, d)]))
+        moved = view.run(batch)[0]
+        changed += not torch.allclose(moved, ref, atol=1e-4)  # (a key bias is softmax-invariant)
+        bias = view.weight(op).bias
+        assert bias is not None and (had is None or bias == had)
+        view.apply(EditPlan("t", edits=[AddBias(op, -d)]))
+        assert view.weight(op).bias == bias  # the created bias is found again, not duplicated
+        assert view.read(bias).abs().max() <= (1e-6 if had is None else view.read(bias).abs().max())
+        back = view.run(batch)[0]
+        assert torch.allclose(back, ref, atol=1e-5, rtol=1e-5)
+    assert changed >= min(2, len(bare[:3] + biased[:1]))

@@ -338,6 +338,32 @@ class FxGraphView(GraphView):
             self._nodes[consumer.name].replace_input_with(src, rot)
         self.dirty = True
 
+    def create_bias(self, op: OpRef) -> ConstRef:
+        node, ref = self.node(op), self.weight(op)
+        graph = self.gm.graph
+        i = 0
+        while hasattr(self.gm, f"_qpass_bias_{i}"):
+            i += 1
+        name = f"_qpass_bias_{i}"
+        weight = _attr(self.gm, ref.const.name)
+        self.gm.register_parameter(
+            name, torch.nn.Parameter(torch.zeros(ref.out_features, dtype=weight.dtype), requires_grad=False)
+        )
+        if op.op_type in ("matmul", "mm"):  # x @ W: the bias is an add after the product
+            with graph.inserting_after(node):
+                attr = graph.get_attr(name)
+            with graph.inserting_after(attr):
+                add = graph.call_function(torch.ops.aten.add.Tensor, (node, attr))
+            node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
+            add.meta.update({"val": node.meta.get("val")})
+        else:  # aten.linear(x, W) -> aten.linear(x, W, b)
+            with graph.inserting_before(node):
+                attr = graph.get_attr(name)
+            node.args = (*node.args[:2], attr)
+        self.dirty = True
+        self.invalidate()
+        return ConstRef(name, (ref.out_features,))
+
     def replace_with_qop(self, edit: ReplaceWithQOp) -> None:
         from lowering.torch_backend import lower_linear_fx
 

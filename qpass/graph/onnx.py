@@ -325,6 +325,26 @@ class OnnxGraphView(GraphView):
                 if inp is x:
                     cnode.replace_input_with(i, out)
 
+    def create_bias(self, op: OpRef) -> ConstRef:
+        """MatMul/Gemm(x, W) -> Add(., 0): the form `weight()` reads as the layer's bias."""
+        node, ref = self._nodes[op.name], self.weight(op)
+        out = node.outputs[0]
+        dtype = self._values[ref.const.name].const_value.numpy().dtype
+        b = self.add_initializer(f"{op.name}_bias", np.zeros(ref.out_features, dtype=dtype))
+        add = ir.node("Add", [out, b], name=self.fresh_name(f"{op.name}_bias_add"))
+        new_out = add.outputs[0]
+        new_out.name, new_out.shape, new_out.type = self.fresh_name(f"{out.name}_biased"), out.shape, out.type
+        self.graph.insert_after(node, add)
+        for use in list(out.uses()):
+            if use.node is not add:
+                use.node.replace_input_with(use.idx, new_out)
+        if out.is_graph_output():
+            outputs = self.graph.outputs
+            outputs[outputs.index(out)] = new_out
+            new_out.name, out.name = out.name, new_out.name
+        self.invalidate()
+        return self._const(b)
+
     def replace_with_qop(self, edit: ReplaceWithQOp) -> None:
         from lowering.onnxruntime import lower_linear_onnx
 

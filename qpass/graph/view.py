@@ -140,6 +140,19 @@ class InsertRotation:
 
 
 @dataclass(frozen=True)
+class AddBias:
+    """Add `delta` (one value per output channel) to a linear's output through its bias.
+
+    A linear without a bias gets a zero one first (an Add after an ONNX MatMul, the bias
+    argument of aten.linear): exact, and what OS+ needs to absorb a shift (b' = b + W z).
+    """
+
+    op: OpRef
+    delta: torch.Tensor
+    site: str = ""
+
+
+@dataclass(frozen=True)
 class ReplaceWithQOp:
     """Replace a linear op by its quantized form; `qlinear` is a `qpass.qlinear.QLinear`."""
 
@@ -148,7 +161,7 @@ class ReplaceWithQOp:
     site: str = ""
 
 
-Edit = ScaleChannels | ShiftChannels | RotateChannels | InsertRotation | ReplaceWithQOp
+Edit = ScaleChannels | ShiftChannels | RotateChannels | AddBias | InsertRotation | ReplaceWithQOp
 CONSTANT_EDITS = (ScaleChannels, ShiftChannels, RotateChannels)  # undone by restoring the constants
 
 
@@ -273,6 +286,10 @@ class GraphView(abc.ABC):
         """Insert an op computing `value @ matrix` that feeds `consumers` instead of `value`."""
 
     @abc.abstractmethod
+    def create_bias(self, op: OpRef) -> ConstRef:
+        """Give a bias-free linear a zero bias constant (same dtype as its weight); return it."""
+
+    @abc.abstractmethod
     def replace_with_qop(self, edit: ReplaceWithQOp) -> None:
         """Lower one linear to its quantized form (the adapter delegates to lowering/)."""
 
@@ -286,6 +303,8 @@ class GraphView(abc.ABC):
                 self.write(edit.const, tensor + edit.delta.to(tensor.dtype))
             elif isinstance(edit, RotateChannels):
                 self._rotate(edit)
+            elif isinstance(edit, AddBias):
+                self._add_bias(edit)
             elif isinstance(edit, InsertRotation):
                 self.insert_rotation(edit)
             elif isinstance(edit, ReplaceWithQOp):
@@ -302,6 +321,15 @@ class GraphView(abc.ABC):
         view = [1] * tensor.dim()
         view[axis] = -1
         self.write(edit.const, tensor * edit.factors.to(torch.float64).reshape(view).to(tensor.dtype))
+
+    def _add_bias(self, edit: AddBias) -> None:
+        ref = self.weight(edit.op)
+        if ref is None:
+            msg = f"AddBias: '{edit.op.name}' is not a linear with a constant weight"
+            raise ValueError(msg)
+        bias = ref.bias if ref.bias is not None else self.create_bias(edit.op)
+        tensor = self.read(bias)
+        self.write(bias, tensor + edit.delta.reshape(tensor.shape).to(tensor.dtype))
 
     def _rotate(self, edit: RotateChannels) -> None:
         tensor = self.read(edit.const)
