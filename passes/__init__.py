@@ -5,18 +5,25 @@ from __future__ import annotations
 from passes.base import PassContext, QPass
 from passes.norm_fusion import FuseNorms, FuseNormsConfig
 from passes.rotate import Rotate, RotateConfig
+from passes.shift import OSPlusConfig, OutlierSuppressionPlus, OutlierTune, OutlierTuneConfig
 from passes.smooth import SmoothQuant, SmoothQuantConfig
 
 PASSES: dict[str, tuple[type, type[QPass]]] = {
     "smooth_quant": (SmoothQuantConfig, SmoothQuant),
     "rotate": (RotateConfig, Rotate),
     "fuse_norms": (FuseNormsConfig, FuseNorms),
+    "os_plus": (OSPlusConfig, OutlierSuppressionPlus),
+    "outlier_tune": (OutlierTuneConfig, OutlierTune),
 }
 
 __all__ = [
     "PASSES",
     "FuseNorms",
     "FuseNormsConfig",
+    "OSPlusConfig",
+    "OutlierSuppressionPlus",
+    "OutlierTune",
+    "OutlierTuneConfig",
     "PassContext",
     "QPass",
     "Rotate",
