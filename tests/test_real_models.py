@@ -52,6 +52,26 @@ def test_smoothing_is_exact_on_minilm_onnx(minilm, tmp_path):
         assert max_relative_error([ref], [torch.from_numpy(sm.run(None, b)[0])]) <= 1e-4
 
 
+@pytest.mark.parametrize("step", [{"os_plus": {}}, {"outlier_tune": {}}])
+def test_shift_passes_are_exact_on_minilm(minilm, tmp_path, step):
+    """OS+ / OutlierTune on the real MiniLM: torch.fx and ONNX outputs unchanged (attention sites)."""
+    embedder, calib, held_out = minilm
+    recipe = {"passes": [step], "weights": None, "activations": None}
+    res = qpass.quantize_with_report(embedder, recipe, [_torch_batch(b) for b in calib])
+    assert res.report.results[0].plan.applied_sites
+    path = zoo.export_minilm_onnx(tmp_path / "minilm.onnx", embedder=embedder)
+    res_onnx = qpass.quantize_with_report(str(path), recipe, calib)
+    assert res_onnx.report.results[0].plan.applied_sites
+    fp = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sm = ort.InferenceSession(res_onnx.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for b in held_out:
+        with torch.no_grad():
+            ref = embedder(**_torch_batch(b))
+            assert max_relative_error([ref], [res.model(**_torch_batch(b))]) <= 1e-4
+        ref_onnx = torch.from_numpy(fp.run(None, b)[0])
+        assert max_relative_error([ref_onnx], [torch.from_numpy(sm.run(None, b)[0])]) <= 1e-4
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     model, tok = zoo.load_smollm2()
