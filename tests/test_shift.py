@@ -150,19 +150,25 @@ def _site_values(view, labels):
     return [by_label[label] for label in labels if label in by_label]
 
 
-def test_os_plus_lowers_w8a8_static_error(bert_case):
-    """On the outlier BERT, OS+ before per-tensor static W8A8 beats W8A8 alone (held-out batch)."""
-    model, batch = bert_case.model, bert_case.batches[-1]
-    ref = bert_case.reference(batch)
-    quant = {"weights": {"format": "int8"}, "activations": {"format": "int8"}, "target": "torch"}
+def test_shift_passes_lower_static_int8_error(llama_case):
+    """On the outlier LLaMA, OS+ and OutlierTune before per-tensor static INT8 activations cut the
+    held-out output error at least 2x (weights FP: the activation side is what they fix).
+
+    On TinyBert and MiniLM they do not help (benchmarks/results/shift_transforms.md): per-channel
+    ranges from little calibration data clip held-out values, and there is little to fix.
+    """
+    model, held = llama_case.model, llama_case.batches[-1]
+    ref = llama_case.reference(held)
+    acts = {"format": "int8", "symmetric": True}
     errs = {}
     for name, passes in {"plain": [], "os+": [{"os_plus": {}}], "tune": [{"outlier_tune": {}}]}.items():
-        q = qpass.quantize(model, {"passes": passes, **quant}, bert_case.batches[:3])
+        recipe = {"passes": passes, "weights": None, "activations": acts, "target": "torch"}
+        q = qpass.quantize(model, recipe, llama_case.batches[:3])
         with torch.no_grad():
-            out = q(*bert_case.torch_args(batch))
+            out = q(*llama_case.torch_args(held))
         errs[name] = float((out - ref).norm() / ref.norm())
-    assert errs["os+"] < errs["plain"]
-    assert errs["tune"] < errs["plain"]
+    assert errs["os+"] < errs["plain"] / 2, errs
+    assert errs["tune"] < errs["plain"] / 2, errs
 
 
 def test_scale_rules():
