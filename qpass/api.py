@@ -45,7 +45,8 @@ def open_view(model: ModelLike, example_inputs: Any = None) -> GraphView:
     if isinstance(model, ir.Model):
         return OnnxGraphView(ir.serde.deserialize_model(ir.serde.serialize_model(model)))
     if _is_onnx(model):
-        return OnnxGraphView(load_model(model))
+        origin = str(model) if isinstance(model, (str, os.PathLike)) else "<ONNX model>"
+        return OnnxGraphView(load_model(model), origin=origin)
     if isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
         return FxGraphView(clone_graph_module(capture(model, example_inputs)))
     msg = f"cannot quantize a {type(model).__name__}: expected an nn.Module, ExportedProgram, ONNX model or .onnx path"

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from qpass.errors import ModelLoadError
+from qpass.errors import CalibrationError, ModelLoadError, UnsupportedOpError
 from qpass.graph.optable import onnx_kind
 from qpass.graph.view import (
     ALL_KINDS,
@@ -85,8 +85,9 @@ class OnnxGraphView(GraphView):
 
     backend = "onnx"
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, origin: str = "<ONNX model>") -> None:
         self.model = model
+        self.origin = origin  # the file (or a description) named in errors
         self.graph = model.graph
         _lift_constants(self.graph)
         self._name_everything()
@@ -276,22 +277,51 @@ class OnnxGraphView(GraphView):
                     proto.graph.output.append(onnx.ValueInfoProto(name=name))
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
-            sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            try:
+                sess = ort.InferenceSession(
+                    proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+                raise self._runtime_error(exc) from exc
             self._session_cache[extra_outputs] = sess
         return sess
+
+    def _runtime_error(self, exc: Exception) -> Exception:
+        """A clear error for a model ONNX Runtime refuses, naming the node it has no kernel for."""
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        for node in self.graph:
+            domain = node.domain or "ai.onnx"
+            if f"{domain}:{node.op_type}(" in text or f"{node.domain}:{node.op_type}(" in text:
+                msg = (
+                    f"{self.origin}: ONNX Runtime cannot run node '{node.name}' ({domain}:{node.op_type}); "
+                    f"qpass runs the model to calibrate and verify, so every op needs a kernel ({first})"
+                )
+                return UnsupportedOpError(msg)
+        msg = f"{self.origin}: ONNX Runtime cannot load the model ({first})"
+        return ModelLoadError(msg)
+
+    def _run_session(self, sess: Any, names: list[str] | None, feeds: Mapping[str, Any]) -> list[Any]:
+        try:
+            return sess.run(names, self._feeds(feeds))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            text = str(exc).strip()
+            first = text.splitlines()[0] if text else type(exc).__name__
+            msg = f"{self.origin}: ONNX Runtime failed on a calibration batch ({first})"
+            raise CalibrationError(msg) from exc
 
     @staticmethod
     def _feeds(feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in feeds.items()}
 
     def run(self, feeds: Mapping[str, Any]) -> list[torch.Tensor]:
-        outs = self._session().run(None, self._feeds(feeds))
+        outs = self._run_session(self._session(), None, feeds)
         return [torch.from_numpy(np.asarray(o)) for o in outs]
 
     def observe(self, values: Sequence[ValueRef], feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         names = tuple(dict.fromkeys(v.name for v in values))
         sess = self._session(names)
-        outs = sess.run(list(names), self._feeds(feeds))
+        outs = self._run_session(sess, list(names), feeds)
         return {n: torch.from_numpy(np.asarray(o)) for n, o in zip(names, outs, strict=True)}
 
     # ------------------------------------------------------------------ rewriting
