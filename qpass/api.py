@@ -34,6 +34,7 @@ class QuantizeResult:
     model: Any
     report: PassReport
     recipe: Recipe
+    view: GraphView | None = None  # the edited graph (ONNX: its onnx-ir model, saved by quantize_file)
 
 
 def _is_onnx(model: Any) -> bool:
@@ -88,7 +89,7 @@ def quantize_with_report(
         out = view.gm
         out.meta["qpass_report"] = report
         out.meta["qpass_recipe"] = recipe.to_dict()
-    return QuantizeResult(out, report, recipe)
+    return QuantizeResult(out, report, recipe, view)
 
 
 def quantize(
@@ -108,5 +109,6 @@ def quantize_file(
     """ONNX file to ONNX file; the input is opened read-only and the output written atomically."""
     check_output_path(dst, (src,))
     result = quantize_with_report(str(src), recipe, calibration, **options)
-    save_onnx(result.model, dst)
+    view = result.view
+    save_onnx(view.model if isinstance(view, OnnxGraphView) else result.model, dst)
     return result

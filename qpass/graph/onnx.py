@@ -7,6 +7,7 @@ The only module (with lowering/onnxruntime.py) that knows ONNX. Constants are in
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from qpass import io as qio
 from qpass.errors import CalibrationError, ModelLoadError, UnsupportedOpError
 from qpass.graph.optable import onnx_kind
 from qpass.graph.view import (
@@ -46,10 +48,12 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
             msg = f"{path}: no such ONNX file"
             raise ModelLoadError(msg)
         try:
-            proto = onnx.load(str(path), load_external_data=True)
+            proto = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # protobuf raises DecodeError and friends
             msg = f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})"
             raise ModelLoadError(msg) from exc
+        if _external_tensors(proto):
+            return _load_external(path, proto)
     try:
         onnx.checker.check_model(proto, full_check=False)
     except onnx.checker.ValidationError as exc:
@@ -60,6 +64,50 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
         msg = f"{origin}: the ONNX graph has no nodes"
         raise ModelLoadError(msg)
     return ir.serde.deserialize_model(proto)
+
+
+def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _load_external(path: Path, proto: onnx.ModelProto) -> ir.Model:
+    """A model whose weights live in external data files: checked by path (no 2 GiB limit), every
+    data file checked to exist inside the model's folder and to be long enough. Weights stay
+    memory-mapped (onnx-ir reads them lazily) when the model is big; small ones are read in.
+    """
+    folder = path.parent.resolve()
+    for tensor in _external_tensors(proto):
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        data = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder not in data.parents:
+            msg = f"{path}: initializer '{tensor.name}' points outside the model's folder ('{location}')"
+            raise ModelLoadError(msg)
+        if not data.is_file():
+            msg = f"{path}: initializer '{tensor.name}' reads missing external data file '{location}'"
+            raise ModelLoadError(msg)
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > data.stat().st_size:
+            msg = f"{path}: external data file '{location}' is truncated ('{tensor.name}' ends at byte {end})"
+            raise ModelLoadError(msg)
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        msg = f"{path}: fails the ONNX checker: {first}"
+        raise ModelLoadError(msg) from exc
+    if not proto.graph.node:
+        msg = f"{path}: the ONNX graph has no nodes"
+        raise ModelLoadError(msg)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, folder)
+    total = sum(
+        int({e.key: e.value for e in t.external_data}.get("length", 0)) for t in _external_tensors(proto)
+    )
+    if total <= qio.EXTERNAL_DATA_THRESHOLD:
+        model = ir.external_data.load_to_model(model)
+    model.meta[qio.EXTERNAL_KEY] = True
+    return model
 
 
 def _lift_constants(graph: ir.Graph) -> None:
@@ -270,21 +318,45 @@ class OnnxGraphView(GraphView):
 
         sess = self._session_cache.get(extra_outputs)
         if sess is None:
-            proto = self.to_proto()
-            existing = {o.name for o in proto.graph.output}
-            for name in extra_outputs:
-                if name not in existing:
-                    proto.graph.output.append(onnx.ValueInfoProto(name=name))
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
             try:
-                sess = ort.InferenceSession(
-                    proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-                )
+                if self._is_lazy():
+                    sess = self._session_from_files(extra_outputs, opts)
+                else:
+                    proto = self.to_proto()
+                    existing = {o.name for o in proto.graph.output}
+                    for name in extra_outputs:
+                        if name not in existing:
+                            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                    sess = ort.InferenceSession(
+                        proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+                    )
             except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
                 raise self._runtime_error(exc) from exc
             self._session_cache[extra_outputs] = sess
         return sess
+
+    def _is_lazy(self) -> bool:
+        """Weights still memory-mapped from external data (a big model): ORT must load from files."""
+        return any(isinstance(v.const_value, ir.ExternalTensor) for v in self.graph.initializers.values())
+
+    def _session_from_files(self, extra_outputs: tuple[str, ...], opts: Any) -> Any:
+        """A session over a copy written with external data to a temp folder (protobuf cannot hold
+        a model over 2 GiB in one message); the copy is removed once ONNX Runtime has loaded it.
+        """
+        import onnxruntime as ort
+
+        added = [self._values[n] for n in extra_outputs if not self._values[n].is_graph_output()]
+        self.graph.outputs.extend(added)
+        try:
+            with tempfile.TemporaryDirectory(prefix="qpass-ort-") as folder:
+                path = Path(folder) / "model.onnx"
+                ir.save(self.model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        finally:
+            for value in added:
+                self.graph.outputs.remove(value)
 
     def _runtime_error(self, exc: Exception) -> Exception:
         """A clear error for a model ONNX Runtime refuses, naming the node it has no kernel for."""
