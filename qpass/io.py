@@ -15,7 +15,7 @@ import onnx_ir as ir
 from qpass.errors import OutputPathError
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB limit, with headroom
-EXTERNAL_KEY = "qpass.external_data"  # ir.Model.meta flag: the source kept its weights in external data
+EXTERNAL_KEY = "qpass.external_data"  # ir.Model.meta: the source's external data files (absolute paths)
 
 
 def check_output_path(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
@@ -80,13 +80,16 @@ def _has_external(model: ir.Model) -> bool:
 
 
 def _refuse_overwriting_sources(model: ir.Model, data_path: Path) -> None:
-    """The model's own weights may still be read lazily from an input's data file: never replace it."""
+    """Never replace an input's external data file (its weights may even still be read lazily from it)."""
     target = data_path.resolve()
+    sources = {Path(p).resolve() for p in model.meta.get(EXTERNAL_KEY, ())}
     for value in model.graph.initializers.values():
         tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and Path(tensor.path).resolve() == target:
-            msg = f"{data_path}: the output's external data file is the input model's data file; choose another name"
-            raise OutputPathError(msg)
+        if isinstance(tensor, ir.ExternalTensor):
+            sources.add(Path(tensor.path).resolve())
+    if target in sources:
+        msg = f"{data_path}: the output's external data file is the input model's data file; choose another name"
+        raise OutputPathError(msg)
 
 
 def save_onnx(

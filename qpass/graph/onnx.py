@@ -76,6 +76,7 @@ def _load_external(path: Path, proto: onnx.ModelProto) -> ir.Model:
     memory-mapped (onnx-ir reads them lazily) when the model is big; small ones are read in.
     """
     folder = path.parent.resolve()
+    files: set[str] = set()
     for tensor in _external_tensors(proto):
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
@@ -90,6 +91,7 @@ def _load_external(path: Path, proto: onnx.ModelProto) -> ir.Model:
         if end > data.stat().st_size:
             msg = f"{path}: external data file '{location}' is truncated ('{tensor.name}' ends at byte {end})"
             raise ModelLoadError(msg)
+        files.add(str(data))
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as exc:
@@ -106,7 +108,7 @@ def _load_external(path: Path, proto: onnx.ModelProto) -> ir.Model:
     )
     if total <= qio.EXTERNAL_DATA_THRESHOLD:
         model = ir.external_data.load_to_model(model)
-    model.meta[qio.EXTERNAL_KEY] = True
+    model.meta[qio.EXTERNAL_KEY] = sorted(files)
     return model
 
 
