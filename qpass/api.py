@@ -34,7 +34,6 @@ class QuantizeResult:
     model: Any
     report: PassReport
     recipe: Recipe
-    view: GraphView | None = None  # the edited graph (ONNX: its onnx-ir model, saved by quantize_file)
 
 
 def _is_onnx(model: Any) -> bool:
@@ -64,8 +63,13 @@ def quantize_with_report(
     verify: bool = True,
     tolerance: float = 1e-4,
     progress: bool = False,
+    as_proto: bool = True,
 ) -> QuantizeResult:
-    """Capture, run the recipe's passes (verified), calibrate, quantize and lower."""
+    """Capture, run the recipe's passes (verified), calibrate, quantize and lower.
+
+    ONNX: `model` is a ModelProto, or with `as_proto=False` the onnx-ir Model itself (no
+    serialized copy of a big model in memory; `quantize_file` saves it streaming).
+    """
     recipe = get_recipe(recipe)
     if _is_onnx(model):
         view = open_view(model)
@@ -84,12 +88,12 @@ def quantize_with_report(
         view.apply(plan)
         report.results.append(PassResult("quantize", plan))
     if isinstance(view, OnnxGraphView):
-        out: Any = view.to_proto()
+        out: Any = view.to_proto() if as_proto else view.model
     else:
         out = view.gm
         out.meta["qpass_report"] = report
         out.meta["qpass_recipe"] = recipe.to_dict()
-    return QuantizeResult(out, report, recipe, view)
+    return QuantizeResult(out, report, recipe)
 
 
 def quantize(
@@ -106,9 +110,11 @@ def quantize_file(
     calibration: Any,
     **options: Any,
 ) -> QuantizeResult:
-    """ONNX file to ONNX file; the input is opened read-only and the output written atomically."""
+    """ONNX file to ONNX file; the input is opened read-only and the output written atomically.
+
+    The result's `model` is the onnx-ir Model that was saved (see `quantize_with_report`).
+    """
     check_output_path(dst, (src,))
-    result = quantize_with_report(str(src), recipe, calibration, **options)
-    view = result.view
-    save_onnx(view.model if isinstance(view, OnnxGraphView) else result.model, dst)
+    result = quantize_with_report(str(src), recipe, calibration, as_proto=False, **options)
+    save_onnx(result.model, dst)
     return result

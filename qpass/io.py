@@ -75,6 +75,13 @@ def _initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def release_external(model: ir.Model) -> None:
+    """Unmap every memory-mapped external weight (they are re-mapped on the next read)."""
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.release()
+
+
 def _has_external(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
@@ -122,7 +129,16 @@ def save_onnx(
     try:
         tmp_model = folder / out.name
         if external_data:
-            ir.save(irm, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+            try:
+                ir.save(
+                    irm,
+                    tmp_model,
+                    external_data=data_name,
+                    size_threshold_bytes=1024,
+                    max_in_flight_bytes=256 << 20,
+                )
+            finally:
+                release_external(irm)
             os.chmod(folder / data_name, 0o666 & ~_umask())
             os.replace(folder / data_name, out.parent / data_name)
         else:

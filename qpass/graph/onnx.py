@@ -300,7 +300,11 @@ class OnnxGraphView(GraphView):
         return len(self._values[const.name].uses())
 
     def read(self, const: ConstRef) -> torch.Tensor:
-        return torch.from_numpy(np.array(self._values[const.name].const_value.numpy(), copy=True))
+        tensor = self._values[const.name].const_value
+        out = torch.from_numpy(np.array(tensor.numpy(), copy=True))
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.release()  # unmap: a big model's weights are not all kept resident at once
+        return out
 
     def write(self, const: ConstRef, value: torch.Tensor) -> None:
         v = self._values[const.name]
@@ -324,6 +328,7 @@ class OnnxGraphView(GraphView):
             opts.log_severity_level = 3
             try:
                 if self._is_lazy():
+                    self._session_cache.clear()  # one ORT copy of a big model at a time
                     sess = self._session_from_files(extra_outputs, opts)
                 else:
                     proto = self.to_proto()
@@ -354,7 +359,10 @@ class OnnxGraphView(GraphView):
         try:
             with tempfile.TemporaryDirectory(prefix="qpass-ort-") as folder:
                 path = Path(folder) / "model.onnx"
-                ir.save(self.model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+                try:
+                    ir.save(self.model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
+                finally:
+                    qio.release_external(self.model)
                 return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         finally:
             for value in added:
