@@ -45,7 +45,8 @@ def open_view(model: ModelLike, example_inputs: Any = None) -> GraphView:
     if isinstance(model, ir.Model):
         return OnnxGraphView(ir.serde.deserialize_model(ir.serde.serialize_model(model)))
     if _is_onnx(model):
-        return OnnxGraphView(load_model(model))
+        origin = str(model) if isinstance(model, (str, os.PathLike)) else "<ONNX model>"
+        return OnnxGraphView(load_model(model), origin=origin)
     if isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
         return FxGraphView(clone_graph_module(capture(model, example_inputs)))
     msg = f"cannot quantize a {type(model).__name__}: expected an nn.Module, ExportedProgram, ONNX model or .onnx path"
@@ -62,8 +63,13 @@ def quantize_with_report(
     verify: bool = True,
     tolerance: float = 1e-4,
     progress: bool = False,
+    as_proto: bool = True,
 ) -> QuantizeResult:
-    """Capture, run the recipe's passes (verified), calibrate, quantize and lower."""
+    """Capture, run the recipe's passes (verified), calibrate, quantize and lower.
+
+    ONNX: `model` is a ModelProto, or with `as_proto=False` the onnx-ir Model itself (no
+    serialized copy of a big model in memory; `quantize_file` saves it streaming).
+    """
     recipe = get_recipe(recipe)
     if _is_onnx(model):
         view = open_view(model)
@@ -82,7 +88,7 @@ def quantize_with_report(
         view.apply(plan)
         report.results.append(PassResult("quantize", plan))
     if isinstance(view, OnnxGraphView):
-        out: Any = view.to_proto()
+        out: Any = view.to_proto() if as_proto else view.model
     else:
         out = view.gm
         out.meta["qpass_report"] = report
@@ -104,8 +110,11 @@ def quantize_file(
     calibration: Any,
     **options: Any,
 ) -> QuantizeResult:
-    """ONNX file to ONNX file; the input is opened read-only and the output written atomically."""
+    """ONNX file to ONNX file; the input is opened read-only and the output written atomically.
+
+    The result's `model` is the onnx-ir Model that was saved (see `quantize_with_report`).
+    """
     check_output_path(dst, (src,))
-    result = quantize_with_report(str(src), recipe, calibration, **options)
+    result = quantize_with_report(str(src), recipe, calibration, as_proto=False, **options)
     save_onnx(result.model, dst)
     return result

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from qpass.errors import CalibrationError
 from qpass.graph.view import GraphView, ValueRef
+from qpass.io import atomic_path
 
 
 class StatKind(enum.Enum):
@@ -109,16 +110,14 @@ class Stats:
                 if t is not None:
                     arrays[f"{name}::{f}"] = t.detach().cpu().numpy()
             arrays[f"{name}::count"] = np.asarray([st.count], dtype=np.int64)
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import save_file
+        with atomic_path(path) as tmp:
+            if Path(path).suffix == ".safetensors":
+                from safetensors.numpy import save_file
 
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        else:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-        os.replace(tmp, path)
+                save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+            else:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Stats:
