@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,8 @@ def _quantize(args: argparse.Namespace, console: _Console) -> int:
         model, batches, example = _torch_setup(args, chunks)
         result = quantize_with_report(model, recipe, batches, example_inputs=example, **options)
         _save_torch(result, example, out, console)
-    console.say("\n".join(result.report.summary().splitlines()) or "no passes")
+    for line in result.report.summary().splitlines():
+        console.say(line)
     console.say(f"wrote {args.output}")
     if args.report:
         _write_pass_report(result, Path(args.report))
@@ -298,16 +300,21 @@ def _save_torch(result: Any, example: Any, out: Path, console: _Console) -> None
     """The quantized GraphModule re-exported and saved with torch.export, and its recipe beside it."""
     import torch
 
-    from qpass.graph.fx import split_batch
+    from qpass.graph.fx import _all_dims_auto, split_batch
 
     args, kwargs = split_batch(example)
-    try:
-        program = torch.export.export(result.model, args, kwargs, strict=False)
-    except Exception as exc:  # torch.export raises many types; say which step failed
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        msg = f"{out}: cannot save the quantized torch model (torch.export: {type(exc).__name__}: {first})"
-        raise QPassError(msg) from exc
-    tmp = out.with_name(f".{out.name}.tmp")
+    try:  # dims the model leaves free stay dynamic, as in capture; else the example's shapes
+        dynamic = _all_dims_auto(result.model, args, kwargs)
+        program = torch.export.export(result.model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception:  # noqa: BLE001 - fall back to static shapes below
+        try:
+            program = torch.export.export(result.model, args, kwargs, strict=False)
+        except Exception as exc:  # torch.export raises many types; say which step failed
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            msg = f"{out}: cannot save the quantized torch model (torch.export: {type(exc).__name__}: {first})"
+            raise QPassError(msg) from exc
+        console.say(f"note: {out} accepts only the example input shapes (static export)")
+    tmp = out.with_name(f".{out.stem}.tmp.pt2")
     try:
         torch.export.save(program, str(tmp))
         os.replace(tmp, out)
@@ -424,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quiet = bool(getattr(args, "quiet", False))
     logging.basicConfig(level=logging.WARNING, format="qpass: %(message)s")
+    if quiet:  # library warnings (torch, transformers) are noise to a quiet run
+        warnings.filterwarnings("ignore")
     console = _Console(quiet)
     try:
         return _COMMANDS[args.command](args, console)

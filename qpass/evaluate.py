@@ -194,6 +194,16 @@ def check_inputs(model: Model, chunk: Mapping[str, np.ndarray], origin: str) -> 
         raise CalibrationError(msg)
 
 
+def _run(model: Model, feeds: Mapping[str, np.ndarray], index: int) -> list[np.ndarray]:
+    try:
+        return model.run(feeds)
+    except Exception as exc:  # noqa: BLE001 - runtimes raise many types; name the model and batch
+        shapes = {k: tuple(v.shape) for k, v in feeds.items()}
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        msg = f"{model.name} failed on batch {index} {shapes}: {type(exc).__name__}: {first}"
+        raise ModelLoadError(msg) from None
+
+
 def compare(
     fp: Model,
     quant: Model,
@@ -220,8 +230,8 @@ def compare(
     nll = {"fp": [0.0, 0], "quant": [0.0, 0]}
     lm_index = None
     samples = 0
-    for feeds in tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False):
-        ref, got = fp.run(feeds), quant.run(feeds)
+    for i, feeds in enumerate(tqdm(batches, desc="eval", unit="batch", disable=not progress, leave=False)):
+        ref, got = _run(fp, feeds, i), _run(quant, feeds, i)
         if len(ref) != len(got):
             msg = f"{quant.name} has {len(got)} outputs, {fp.name} has {len(ref)}"
             raise ConfigError(msg)

@@ -160,7 +160,7 @@ def load_tokenizer(name: str) -> Any:
     if name == "minilm":
         from qpass import zoo
 
-        return zoo.load_minilm()[1]
+        return zoo.load_minilm_tokenizer()
     if name == "smollm2":
         from qpass import zoo
 
