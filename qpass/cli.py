@@ -26,6 +26,7 @@ data:    an .npz with one array per model input (batch on axis 0), a folder of .
          or a .txt file with one sample a line plus --tokenizer (minilm, smollm2 or a folder).
 
 examples:
+  qpass zoo minilm work/
   qpass recipes
   qpass recipes show w8a8-smooth > my-recipe.yaml
   qpass quantize model.onnx -o model.q.onnx --recipe w8a8-smooth --calib calib.npz
@@ -110,9 +111,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("input", help="an .onnx model (opened read-only) or a torch 'module:factory'")
     q.add_argument(
-        "-o", "--output", required=True, help="output .onnx (ONNX input) or .pt2 (torch input), written atomically"
+        "-o",
+        "--output",
+        required=True,
+        help="output .onnx (ONNX input) or .pt2 (torch input), written atomically",
     )
-    q.add_argument("--recipe", required=True, help="built-in recipe name (see `qpass recipes`) or a recipe file")
+    q.add_argument(
+        "--recipe", required=True, help="built-in recipe name (see `qpass recipes`) or a recipe file"
+    )
     _add_data_args(q, "--calib")
     _add_model_args(q)
     _add_verify(q)
@@ -134,7 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("input", help="an .onnx model or a torch 'module:factory'")
     _add_data_args(i, "--calib")
     _add_model_args(i)
-    i.add_argument("--report", required=True, metavar="DIR", help="folder for report.html, report.json and PNGs")
+    i.add_argument(
+        "--report", required=True, metavar="DIR", help="folder for report.html, report.json and PNGs"
+    )
     i.add_argument("--recipe", help="show the layers after this recipe's passes too (name or file)")
     i.add_argument(
         "--outlier-ratio",
@@ -166,13 +174,27 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the numbers as JSON on stdout")
     e.add_argument("--quiet", action="store_true", help="print only errors (and the result)")
 
+    z = sub.add_parser(
+        "zoo",
+        help="write a shipped model as ONNX plus text to try the other commands on",
+        description="`qpass zoo minilm DIR` exports the shipped MiniLM sentence encoder to DIR/minilm.onnx "
+        "and writes DIR/calib.txt and DIR/eval.txt (disjoint sentences from the Python docs, one a line; "
+        "use them with --tokenizer minilm). Needs no network.",
+    )
+    z.add_argument("model", choices=["minilm"], help="the shipped model")
+    z.add_argument("folder", help="output folder (created if missing)")
+    z.add_argument("--samples", type=int, default=128, help="sentences per text file (default 128)")
+    z.add_argument("--quiet", action="store_true", help="print only errors")
+
     r = sub.add_parser(
         "recipes",
         help="list built-in recipes, or print one as YAML",
         description="`qpass recipes` lists the built-in recipes, one a line. `qpass recipes show NAME` "
         "prints its YAML, which is a valid --recipe file.",
     )
-    r.add_argument("action", nargs="?", choices=["list", "show"], default="list", help="list (default) or show")
+    r.add_argument(
+        "action", nargs="?", choices=["list", "show"], default="list", help="list (default) or show"
+    )
     r.add_argument("name", nargs="?", help="recipe name (or file) for `show`")
     return p
 
@@ -224,7 +246,10 @@ def _write_outlier_report(
 
     ratio = getattr(args, "outlier_ratio", None) or DEFAULT_RATIO
     samples = count_samples(args.chunks)
-    console.say("collecting per-channel ranges of every linear layer" + (f", then running {recipe.name}'s passes" if recipe else ""))
+    console.say(
+        "collecting per-channel ranges of every linear layer"
+        + (f", then running {recipe.name}'s passes" if recipe else "")
+    )
     report = analyze(
         view,
         batches,
@@ -311,7 +336,9 @@ def _save_torch(result: Any, example: Any, out: Path, console: _Console) -> None
             program = torch.export.export(result.model, args, kwargs, strict=False)
         except Exception as exc:  # torch.export raises many types; say which step failed
             first = str(exc).splitlines()[0] if str(exc) else ""
-            msg = f"{out}: cannot save the quantized torch model (torch.export: {type(exc).__name__}: {first})"
+            msg = (
+                f"{out}: cannot save the quantized torch model (torch.export: {type(exc).__name__}: {first})"
+            )
             raise QPassError(msg) from exc
         console.say(f"note: {out} accepts only the example input shapes (static export)")
     tmp = out.with_name(f".{out.stem}.tmp.pt2")
@@ -404,9 +431,29 @@ def _eval(args: argparse.Namespace, console: _Console) -> int:
         fp.input_names = sorted(chunks[0])
     console.say(f"comparing {args.quant} with {args.fp}")
     result = compare(
-        fp, quant, chunks, task=Task(args.task), batch_size=args.batch_size, origin=args.data, progress=not args.quiet
+        fp,
+        quant,
+        chunks,
+        task=Task(args.task),
+        batch_size=args.batch_size,
+        origin=args.data,
+        progress=not args.quiet,
     )
     print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
+    return 0
+
+
+def _zoo(args: argparse.Namespace, console: _Console) -> int:
+    from qpass import zoo
+
+    folder = Path(args.folder)
+    _check_report_dir(str(folder))
+    folder.mkdir(exist_ok=True)
+    for split, name in (("calib", "calib.txt"), ("eval", "eval.txt")):
+        (folder / name).write_text("\n".join(zoo.sentences(split, args.samples)) + "\n")
+    console.say(f"exporting MiniLM to {folder / 'minilm.onnx'}")
+    zoo.export_minilm_onnx(folder / "minilm.onnx")
+    console.say(f"wrote {folder / 'minilm.onnx'}, {folder / 'calib.txt'} and {folder / 'eval.txt'}")
     return 0
 
 
@@ -424,7 +471,7 @@ def _recipes(args: argparse.Namespace, console: _Console) -> int:
     return 0
 
 
-_COMMANDS = {"quantize": _quantize, "inspect": _inspect, "eval": _eval, "recipes": _recipes}
+_COMMANDS = {"quantize": _quantize, "inspect": _inspect, "eval": _eval, "zoo": _zoo, "recipes": _recipes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

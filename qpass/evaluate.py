@@ -222,7 +222,9 @@ def compare(
         check_inputs(fp, chunk, origin)
         check_inputs(quant, chunk, origin)
         n = int(next(iter(chunk.values())).shape[0])
-        batches += [{k: np.asarray(v[s : s + batch_size]) for k, v in chunk.items()} for s in range(0, n, batch_size)]
+        batches += [
+            {k: np.asarray(v[s : s + batch_size]) for k, v in chunk.items()} for s in range(0, n, batch_size)
+        ]
     if not batches:
         msg = f"{origin}: no samples"
         raise CalibrationError(msg)

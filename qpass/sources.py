@@ -263,9 +263,13 @@ def keyword_batches(
     for chunk in chunks:
         unknown = sorted(set(chunk) - set(names))
         if unknown:
-            msg = f"{origin}: array '{unknown[0]}' is not an argument of {type(model).__name__}.forward {names}"
+            msg = (
+                f"{origin}: array '{unknown[0]}' is not an argument of {type(model).__name__}.forward {names}"
+            )
             raise CalibrationError(msg)
         n = int(next(iter(chunk.values())).shape[0])
         for start in range(0, n, batch_size):
-            out.append({k: torch.from_numpy(np.asarray(a[start : start + batch_size])) for k, a in chunk.items()})
+            out.append(
+                {k: torch.from_numpy(np.asarray(a[start : start + batch_size])) for k, a in chunk.items()}
+            )
     return out

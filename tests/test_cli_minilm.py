@@ -30,14 +30,17 @@ N_CALIB = 16
 
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
+    """`qpass zoo minilm` writes the model and the text; the .npz is the same text tokenized here."""
     folder = tmp_path_factory.mktemp("cli_minilm")
-    embedder, tok = zoo.load_minilm_embedder()
-    model = folder / "minilm.onnx"
-    zoo.export_minilm_onnx(model, embedder=embedder, tokenizer=tok, check=False)
-    sentences = zoo.sentences("calib", N_CALIB)
-    text = folder / "calib.txt"
-    text.write_text("\n".join(sentences) + "\n")
-    enc = tok(sentences, padding=True, truncation=True, max_length=48, return_tensors="np")
+    proc = qpass_cli("zoo", "minilm", str(folder), "--samples", str(N_CALIB))
+    assert proc.returncode == 0, proc.stderr
+    model, text = folder / "minilm.onnx", folder / "calib.txt"
+    sentences = text.read_text().splitlines()
+    assert sentences == zoo.sentences("calib", N_CALIB)
+    assert (folder / "eval.txt").read_text().splitlines() == zoo.sentences("eval", N_CALIB)
+    enc = zoo.load_minilm_tokenizer()(
+        sentences, padding=True, truncation=True, max_length=48, return_tensors="np"
+    )
     npz = folder / "calib.npz"
     np.savez(npz, **{k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")})
     return model, text, npz, folder
@@ -86,7 +89,9 @@ def test_text_data_is_padded_per_batch_with_a_mask(minilm):
 def test_inspect_shows_minilm_outliers_and_their_reduction(minilm):
     model, _, npz, folder = minilm
     out = folder / "report"
-    proc = qpass_cli("inspect", str(model), "--calib", str(npz), "--recipe", "w8a8-smooth", "--report", str(out))
+    proc = qpass_cli(
+        "inspect", str(model), "--calib", str(npz), "--recipe", "w8a8-smooth", "--report", str(out)
+    )
     assert proc.returncode == 0, proc.stderr
     check_html(out)
     doc = json.loads((out / "report.json").read_text())
@@ -96,7 +101,9 @@ def test_inspect_shows_minilm_outliers_and_their_reduction(minilm):
     batches = onnx_batches(view.model, str(npz), 8)
     before = layer_numbers(view, batches)
     recipe = get_recipe("w8a8-smooth")
-    run_passes(view, [s.build() for s in recipe.passes], batches, PassContext(recipe.weights, recipe.activations))
+    run_passes(
+        view, [s.build() for s in recipe.passes], batches, PassContext(recipe.weights, recipe.activations)
+    )
     after = layer_numbers(view, batches)
     assert [layer["op"] for layer in doc["layers"]] == list(before) and len(before) == 36
     for layer in doc["layers"]:
@@ -121,7 +128,9 @@ def test_inspect_shows_minilm_outliers_and_their_reduction(minilm):
         for layer in doc["layers"]
         if not np.allclose(layer["before"]["act"]["absmax"], layer["after"]["act"]["absmax"], rtol=1e-5)
     ]
-    assert {layer["label"].rsplit(".", 3)[-3:] == ["attention", "output", "dense"] for layer in smoothed} == {True}
+    assert {layer["label"].rsplit(".", 3)[-3:] == ["attention", "output", "dense"] for layer in smoothed} == {
+        True
+    }
     assert len(smoothed) == 6
     for layer in smoothed:
         b, a = layer["before"]["act"], layer["after"]["act"]
@@ -139,8 +148,12 @@ def test_eval_json_matches_onnxruntime(minilm, quantized):
     assert o["name"] == "embedding" and doc["samples"] == N_CALIB
     with np.load(npz) as z:
         feeds = {k: z[k] for k in z.files}
-    a = np.concatenate([_session(model).run(None, {k: v[i : i + 8] for k, v in feeds.items()})[0] for i in (0, 8)])
-    b = np.concatenate([_session(q).run(None, {k: v[i : i + 8] for k, v in feeds.items()})[0] for i in (0, 8)])
+    a = np.concatenate(
+        [_session(model).run(None, {k: v[i : i + 8] for k, v in feeds.items()})[0] for i in (0, 8)]
+    )
+    b = np.concatenate(
+        [_session(q).run(None, {k: v[i : i + 8] for k, v in feeds.items()})[0] for i in (0, 8)]
+    )
     a, b = a.astype(np.float64), b.astype(np.float64)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert o["cosine_mean"] == pytest.approx(cos.mean(), rel=1e-6)

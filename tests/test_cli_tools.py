@@ -37,7 +37,12 @@ def qpass_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run(
-        [sys.executable, "-m", "qpass", *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+        [sys.executable, "-m", "qpass", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
     )
 
 
@@ -88,7 +93,9 @@ def bert_files(bert_case, onnx_dir, tmp_path_factory):
 def test_inspect_report_matches_the_library(bert_files):
     model, calib, folder = bert_files
     out = folder / "inspect"
-    proc = qpass_cli("inspect", str(model), "--calib", str(calib), "--recipe", "w8a8-smooth", "--report", str(out))
+    proc = qpass_cli(
+        "inspect", str(model), "--calib", str(calib), "--recipe", "w8a8-smooth", "--report", str(out)
+    )
     assert proc.returncode == 0, proc.stderr
     assert "calibrating on 16 samples" in proc.stderr and "smooth_quant: 3 sites" in proc.stderr
     pngs = check_html(out)
@@ -100,7 +107,9 @@ def test_inspect_report_matches_the_library(bert_files):
     batches = onnx_batches(view.model, str(calib), 8)
     before = layer_numbers(view, batches)
     recipe = get_recipe("w8a8-smooth")
-    run_passes(view, [s.build() for s in recipe.passes], batches, PassContext(recipe.weights, recipe.activations))
+    run_passes(
+        view, [s.build() for s in recipe.passes], batches, PassContext(recipe.weights, recipe.activations)
+    )
     after = layer_numbers(view, batches)
     assert [layer["op"] for layer in doc["layers"]] == list(before)
     for layer in doc["layers"]:
@@ -154,7 +163,9 @@ def test_quantize_torch_factory_round_trip(bert_files, bert_case):
     import qpass
 
     fp = cli_models.tiny_bert()
-    batches = [dict(zip(("x", "mask"), (torch.from_numpy(a) for a in arrs), strict=True)) for arrs in _rows(calib)]
+    batches = [
+        dict(zip(("x", "mask"), (torch.from_numpy(a) for a in arrs), strict=True)) for arrs in _rows(calib)
+    ]
     inproc = qpass.quantize(fp, "w8a8-smooth", calibration=batches, example_inputs=batches[0])
     test = {k: v[:3] for k, v in bert_case.batches[-1].items()}
     with torch.no_grad():
@@ -212,7 +223,16 @@ def test_eval_onnx_folder_of_npy_masks_padding(bert_files, bert_case, tmp_path):
     model, calib, folder = bert_files
     q, report = folder / "q_eval.onnx", folder / "qreport"
     proc = qpass_cli(
-        "quantize", str(model), "-o", str(q), "--recipe", "w8a8-smooth", "--calib", str(calib), "--report", str(report)
+        "quantize",
+        str(model),
+        "-o",
+        str(q),
+        "--recipe",
+        "w8a8-smooth",
+        "--calib",
+        str(calib),
+        "--report",
+        str(report),
     )
     assert proc.returncode == 0, proc.stderr
     passes = json.loads((report / "passes.json").read_text())
@@ -285,7 +305,16 @@ def test_help_is_complete():
     for command in ("quantize", "inspect", "eval", "recipes"):
         assert command in top.stdout
     wanted = {
-        "quantize": ["--recipe", "--calib", "--tokenizer", "--input", "--verify", "--no-verify", "--report", "--quiet"],
+        "quantize": [
+            "--recipe",
+            "--calib",
+            "--tokenizer",
+            "--input",
+            "--verify",
+            "--no-verify",
+            "--report",
+            "--quiet",
+        ],
         "inspect": ["--calib", "--report", "--recipe", "--outlier-ratio", "--tokenizer", "--quiet"],
         "eval": ["--data", "--task", "--json", "--tokenizer"],
         "recipes": ["show"],

@@ -65,7 +65,9 @@ def plot_heatmaps(report: OutlierReport, folder: Path) -> list[tuple[str, str]]:
     for width in widths:
         layers = [layer for layer in report.layers if layer.in_features == width]
         grids = {
-            m: np.stack([_ratio(layer.before if m == "before" else (layer.after or layer.before)) for layer in layers])
+            m: np.stack(
+                [_ratio(layer.before if m == "before" else (layer.after or layer.before)) for layer in layers]
+            )
             for m in moments
         }
         vmax = max(max(float(g.max()) for g in grids.values()), 2.0)
@@ -135,12 +137,17 @@ def plot_layer(report: OutlierReport, layer: LayerEntry, index: int, folder: Pat
             idx = [o.channel for o in outs]
             ax.scatter(idx, before.absmax[idx], color=OUTLIER_COLOR, s=14, zorder=3, label="outlier (before)")
             for o in outs[:4]:
-                ax.annotate(str(o.channel), (o.channel, o.absmax), fontsize=7, xytext=(3, 2), textcoords="offset points")
+                ax.annotate(
+                    str(o.channel),
+                    (o.channel, o.absmax),
+                    fontsize=7,
+                    xytext=(3, 2),
+                    textcoords="offset points",
+                )
         ax.set_ylabel("activation absmax" if kind == "act" else "weight absmax", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="upper right")
     axes[1].set_xlabel("input channel")
-    fig.suptitle(layer.label, fontsize=9)
     name = f"layer_{index:03d}.png"
     fig.savefig(folder / name, dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -154,6 +161,10 @@ table { border-collapse: collapse; font-size: 12px; }
 th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
 th { background: #f3f3f3; } td.name { text-align: left; font-family: monospace; }
 tr.changed td { background: #eef6ff; }
+td.out { text-align: left; } th.left { text-align: left; }
+.grid { display: flex; flex-wrap: wrap; gap: 8px 16px; }
+.grid figure { margin: 0; width: calc(50% - 8px); } .grid figcaption { font-size: 13px; font-weight: 600; }
+.grid figcaption small { font-weight: 400; color: #666; }
 .out { color: #d62728; font-weight: 600; } .good { color: #1a7f37; font-weight: 600; }
 .meta { font-size: 13px; } .meta code { background: #f3f3f3; padding: 1px 4px; }
 img { max-width: 100%; border: 1px solid #eee; margin: 6px 0; }
@@ -186,20 +197,23 @@ def _num_cells(before: float, after: float | None) -> str:
 def _layer_table(report: OutlierReport) -> str:
     has_after = any(layer.after is not None for layer in report.layers)
     span = ' colspan="2"' if has_after else ""
+    rs = " rowspan=2" if has_after else ""
     head = (
-        "<tr><th rowspan=2>#</th><th rowspan=2>layer</th><th rowspan=2>in→out</th>"
+        f"<tr><th{rs}>#</th><th{rs}>layer</th><th{rs}>in→out</th>"
         f"<th{span}>act max/median</th><th{span}>act kurtosis</th><th{span}>weight max/median</th>"
-        "<th rowspan=2>activation outlier channels (before)</th>"
-        + ("<th rowspan=2>after</th>" if has_after else "")
+        f"<th{rs}>activation outlier channels"
+        + (" (before)</th><th rowspan=2>after</th>" if has_after else "</th>")
         + "</tr>"
     )
-    sub = "<tr>" + ("<th>before</th><th>after</th>" * 3 if has_after else "<th></th>" * 3) + "</tr>"
+    sub = "<tr>" + "<th>before</th><th>after</th>" * 3 + "</tr>" if has_after else ""
     rows = []
+    short = short_labels([layer.label for layer in report.layers])
     for i, layer in enumerate(report.layers):
         a = layer.after
         cls = ' class="changed"' if layer.changed else ""
         rows.append(
-            f"<tr{cls}><td>{i}</td><td class='name'><a href='#layer{i}'>{html.escape(layer.label)}</a></td>"
+            f"<tr{cls}><td>{i}</td><td class='name' title='{html.escape(layer.label)}'>"
+            f"<a href='#layer{i}'>{html.escape(short[layer.label])}</a></td>"
             f"<td>{layer.in_features}→{layer.out_features}</td>"
             + _num_cells(layer.before.act.max_ratio, a.act.max_ratio if a else None)
             + _num_cells(layer.before.act.kurtosis, a.act.kurtosis if a else None)
@@ -216,7 +230,7 @@ def _shared_table(report: OutlierReport) -> str:
     after = {(s.width, s.channel): len(s.layers) for s in report.shared("after")} if report.recipe else {}
     short = short_labels([layer.label for layer in report.layers])
     for s in report.shared("before"):
-        names = ", ".join(html.escape(short[n]) for n in s.layers[:6]) + (" …" if len(s.layers) > 6 else "")
+        names = ", ".join(html.escape(short[n]) for n in s.layers)
         tail = f"<td>{after.get((s.width, s.channel), 0)}</td>" if report.recipe else ""
         rows.append(
             f"<tr><td class='out'>{s.channel}</td><td>{s.width}</td><td>{len(s.layers)}</td>{tail}"
@@ -226,7 +240,7 @@ def _shared_table(report: OutlierReport) -> str:
         return "<p>No activation outlier channel is shared by two or more layers.</p>"
     tail_head = "<th>layers after</th>" if report.recipe else ""
     return (
-        f"<table><tr><th>channel</th><th>width</th><th>layers</th>{tail_head}<th>where</th></tr>"
+        f"<table><tr><th>channel</th><th>width</th><th>layers</th>{tail_head}<th class='left'>where</th></tr>"
         + "".join(rows)
         + "</table>"
     )
@@ -270,19 +284,23 @@ def render_html(report: OutlierReport, folder: Path) -> Path:
         recipe,
         "<h2>Activation absmax per channel</h2><p class='meta'>Each row is a layer, each column an input "
         "channel; bright vertical stripes are outlier channels.</p>",
-        *(f"<p class='meta'>{html.escape(cap)}</p><img src='{name}' alt='{html.escape(cap)}'>" for name, cap in heatmaps),
+        *(
+            f"<p class='meta'>{html.escape(cap)}</p><img src='{name}' alt='{html.escape(cap)}'>"
+            for name, cap in heatmaps
+        ),
         f"<h2>Per layer</h2><img src='{overview}' alt='max/median ratio and kurtosis per layer'>",
         _layer_table(report),
         "<h2>Outlier channels shared across layers</h2>",
         _shared_table(report),
-        "<h2>Layers</h2>",
+        "<h2>Layers</h2><div class='grid'>",
     ]
     for i, (layer, png) in enumerate(zip(report.layers, layer_pngs, strict=True)):
         parts.append(
-            f"<h3 id='layer{i}'>{i}. {html.escape(layer.label)} <small>({html.escape(layer.op)}, "
-            f"{layer.in_features}→{layer.out_features})</small></h3><img src='{png}' alt='{html.escape(layer.label)}'>"
+            f"<figure id='layer{i}'><figcaption>{i}. {html.escape(layer.label)} <small>({html.escape(layer.op)}, "
+            f"{layer.in_features}→{layer.out_features})</small></figcaption>"
+            f"<img src='{png}' alt='{html.escape(layer.label)}'></figure>"
         )
-    parts.append("</body></html>")
+    parts.append("</div></body></html>")
     path = folder / "report.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path

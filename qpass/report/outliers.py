@@ -68,7 +68,7 @@ class Profile:
 
     @property
     def max_ratio(self) -> float:
-        """max / median: how far the worst channel stands out."""
+        """Max / median: how far the worst channel stands out."""
         return self.max / max(self.median, 1e-12)
 
     @property
