@@ -238,14 +238,12 @@ def _check_model(spec: str, *, torch_ok: bool = True) -> bool:
 
 
 def _write_outlier_report(
-    view: Any, batches: list, args: argparse.Namespace, recipe: Any, folder: str, console: _Console
+    view: Any, batches: list, samples: int, args: argparse.Namespace, recipe: Any, console: _Console
 ) -> None:
     from qpass.report.html import write_report
     from qpass.report.outliers import DEFAULT_RATIO, analyze
-    from qpass.sources import count_samples
 
     ratio = getattr(args, "outlier_ratio", None) or DEFAULT_RATIO
-    samples = count_samples(args.chunks)
     console.say(
         "collecting per-channel ranges of every linear layer"
         + (f", then running {recipe.name}'s passes" if recipe else "")
@@ -263,7 +261,7 @@ def _write_outlier_report(
     for line in report.passes:
         console.say(line)
     console.say("plotting")
-    json_path, html_path = write_report(report, folder)
+    json_path, html_path = write_report(report, args.report)
     n_out = sum(1 for layer in report.layers if layer.before.act.outliers())
     console.say(f"{len(report.layers)} linear layers, {n_out} with activation outlier channels")
     console.say(f"wrote {html_path} and {json_path}")
@@ -273,13 +271,14 @@ def _write_outlier_report(
 def _quantize(args: argparse.Namespace, console: _Console) -> int:
     from qpass.api import quantize_file, quantize_with_report
     from qpass.recipe import get_recipe
+    from qpass.sources import count_samples
 
     is_onnx = _check_model(args.input)
     recipe = get_recipe(args.recipe)
     if args.report:
         _check_report_dir(args.report)
     console.say(f"quantizing {args.input} with recipe '{recipe.name}'")
-    chunks = args.chunks = _load_chunks(args, args.calib, console, "calibrating on")
+    chunks = _load_chunks(args, args.calib, console, "calibrating on")
     options = {"batch_size": args.batch_size, "verify": args.verify, "progress": not args.quiet}
     if is_onnx:
         data = _onnx_data(args.calib, chunks)
@@ -295,7 +294,7 @@ def _quantize(args: argparse.Namespace, console: _Console) -> int:
     if args.report:
         _write_pass_report(result, Path(args.report))
         view, batches = _open(args, chunks)
-        _write_outlier_report(view, batches, args, recipe, args.report, console)
+        _write_outlier_report(view, batches, count_samples(chunks), args, recipe, console)
     return 0
 
 
@@ -381,6 +380,7 @@ def _open(args: argparse.Namespace, chunks: list[dict]) -> tuple[Any, list]:
 
 def _inspect(args: argparse.Namespace, console: _Console) -> int:
     from qpass.recipe import get_recipe
+    from qpass.sources import count_samples
 
     _check_model(args.input)
     recipe = get_recipe(args.recipe) if args.recipe else None
@@ -388,9 +388,9 @@ def _inspect(args: argparse.Namespace, console: _Console) -> int:
     if args.outlier_ratio is not None and args.outlier_ratio <= 1:
         msg = f"--outlier-ratio {args.outlier_ratio}: must be > 1 (a multiple of the median channel)"
         raise ConfigError(msg)
-    args.chunks = _load_chunks(args, args.calib, console, "calibrating on")
-    view, batches = _open(args, args.chunks)
-    _write_outlier_report(view, batches, args, recipe, args.report, console)
+    chunks = _load_chunks(args, args.calib, console, "calibrating on")
+    view, batches = _open(args, chunks)
+    _write_outlier_report(view, batches, count_samples(chunks), args, recipe, console)
     return 0
 
 

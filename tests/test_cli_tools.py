@@ -325,3 +325,22 @@ def test_help_is_complete():
         for flag in flags:
             assert flag in proc.stdout, (command, flag)
     assert qpass_cli("inspect").returncode == 2  # usage error
+
+
+def test_inspect_torch_factory(bert_files, tmp_path, capsys):
+    """In process: a torch `module:factory` is captured with torch.export and reported like ONNX."""
+    _, calib, _ = bert_files
+    out = tmp_path / "report"
+    assert main(["inspect", "cli_models:tiny_bert", "--calib", str(calib), "--recipe", "w8a8-smooth",
+                 "--report", str(out), "--input", "x:2x16x64", "--input", "mask:2x16"]) == 0  # fmt: skip
+    assert "smooth_quant: 3 sites" in capsys.readouterr().err
+    check_html(out)
+    doc = json.loads((out / "report.json").read_text())
+    labels = [layer["label"] for layer in doc["layers"]]
+    assert labels[:6] == [
+        f"layers.0.{n}" for n in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "fc1", "fc2")
+    ]
+    o_proj = doc["layers"][3]
+    assert o_proj["after"]["act"]["max_ratio"] < o_proj["before"]["act"]["max_ratio"]
+    shared = {(s["channel"], s["width"]) for s in doc["shared_outliers"]["before"]}
+    assert {(3, 64), (17, 64)} <= shared
