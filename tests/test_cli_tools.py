@@ -302,7 +302,7 @@ def test_bad_arguments_fail_with_one_line(bert_files, tmp_path, capsys, args, me
 def test_help_is_complete():
     top = qpass_cli("--help")
     assert top.returncode == 0
-    for command in ("quantize", "inspect", "eval", "recipes"):
+    for command in ("quantize", "inspect", "eval", "zoo", "recipes"):
         assert command in top.stdout
     wanted = {
         "quantize": [
@@ -317,6 +317,7 @@ def test_help_is_complete():
         ],
         "inspect": ["--calib", "--report", "--recipe", "--outlier-ratio", "--tokenizer", "--quiet"],
         "eval": ["--data", "--task", "--json", "--tokenizer"],
+        "zoo": ["minilm", "--samples"],
         "recipes": ["show"],
     }
     for command, flags in wanted.items():
