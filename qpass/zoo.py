@@ -45,6 +45,7 @@ __all__ = [
     "export_minilm_onnx",
     "load_minilm",
     "load_minilm_embedder",
+    "load_minilm_tokenizer",
     "load_smollm2",
     "minilm_batches",
     "packed_token_rows",
@@ -199,6 +200,19 @@ def load_minilm(attn_implementation: str = "sdpa", pooler: bool = True) -> tuple
     if not pooler and getattr(model, "pooler", None) is not None:
         model.pooler = None  # BertModel skips a None pooler
     return model.eval(), tokenizer
+
+
+def load_minilm_tokenizer() -> Any:
+    """MiniLM's tokenizer alone (no model weights are loaded): for tokenizing text data quickly."""
+    _offline()
+    from transformers import AutoTokenizer
+
+    path = _minilm_path()
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        msg = f"cannot load the MiniLM tokenizer from {path}: {e}"
+        raise ModelLoadError(msg) from e
 
 
 class MiniLMEmbedder(nn.Module):
