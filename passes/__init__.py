@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from passes.awq import AWQ, AWQConfig
 from passes.base import PassContext, QPass
 from passes.norm_fusion import FuseNorms, FuseNormsConfig
 from passes.rotate import Rotate, RotateConfig
@@ -11,10 +12,13 @@ PASSES: dict[str, tuple[type, type[QPass]]] = {
     "smooth_quant": (SmoothQuantConfig, SmoothQuant),
     "rotate": (RotateConfig, Rotate),
     "fuse_norms": (FuseNormsConfig, FuseNorms),
+    "awq": (AWQConfig, AWQ),
 }
 
 __all__ = [
+    "AWQ",
     "PASSES",
+    "AWQConfig",
     "FuseNorms",
     "FuseNormsConfig",
     "PassContext",

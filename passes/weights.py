@@ -82,6 +82,7 @@ class QuantizedWeight:
     g_idx: torch.Tensor
     perm: torch.Tensor | None
     spec: QuantSpec
+    kept: torch.Tensor | None = None  # gptq(keep=...): float32 [out, in], the kept weights' values, else 0
 
     @property
     def shape(self) -> torch.Size:
@@ -296,6 +297,7 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = True,
     static_groups: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ (Frantar et al., 2023): column-by-column rounding with Cholesky error feedback.
 
@@ -319,6 +321,11 @@ def gptq(
     * The spec's clip method applies to each group (``clip=mse`` searches the clip ratio
       on the updated weights). NVFP4 (E4M3 scales) has a tensor-wide scale, so it needs
       ``static_groups=True``.
+    * ``keep`` (bool ``[out, in]``, optional): weights kept in float (outlier protection).
+      They take no part in their group's scale (counted as zero) and are not rounded:
+      each keeps its error-updated value (zero error, nothing fed forward; SpQR's choice),
+      returned in ``kept``; their codes are the zero code, so ``dequantized() + kept`` is
+      the result.
     """
     w = _weight(W)
     n_out, n_in = w.shape
@@ -334,6 +341,11 @@ def gptq(
         raise ConfigError(msg)
 
     dev = w.device
+    if keep is not None:
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != w.shape:
+            msg = f"argument 'keep' must be a bool tensor of W's shape {list(w.shape)}"
+            raise ConfigError(msg)
+        keep = keep.to(dev)
     work = w.detach().to(torch.float32).clone()
     h = h.detach().to(torch.float64).clone()
     dead = torch.diagonal(h) == 0
@@ -344,6 +356,8 @@ def gptq(
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         work = work[:, perm]
         h = h[perm][:, perm]
+        if keep is not None:
+            keep = keep[:, perm]
     u = _inverse_cholesky(h, float(damp)).to(torch.float32)
     del h
 
@@ -355,7 +369,8 @@ def gptq(
         g_of_pos = torch.arange(n_in, device=dev) // gs
         row_spec = _row_spec(spec)
     else:
-        scales, zps = _params_layout(w.to(torch.float32), spec)
+        w_scales = w.to(torch.float32) if keep is None else w.to(torch.float32).masked_fill(keep.to(w.device), 0.0)
+        scales, zps = _params_layout(w_scales, spec)
         g_orig = torch.arange(n_in, device=dev) // gs
         g_of_pos = g_orig if perm is None else g_orig[perm]
         g_list = g_of_pos.tolist()  # one host list, not a device sync per column
@@ -378,6 +393,8 @@ def gptq(
                         if end > i2:  # the group reaches past this block: apply its pending updates
                             tail = work[:, i2:end] - err1[:, :i] @ u[i1:j, i2:end]
                             cur = torch.cat([cur, tail], dim=1)
+                        if keep is not None:
+                            cur = cur.masked_fill(keep[:, j : j + cur.shape[1]], 0.0)
                         s, z = _params_layout(cur, row_spec)
                         col_scale = scales[:, g] = s[:, 0]
                         if zps is not None:
@@ -388,6 +405,8 @@ def gptq(
                     col_zp = None if zps is None else zps[:, g]
                 col = w1[:, i]
                 q = fake_rows(col[:, None], col_scale, col_zp, spec)[:, 0]
+                if keep is not None:
+                    q = torch.where(keep[:, j], col, q)
                 q_all[:, j] = q
                 e = (col - q) / u1[i, i]
                 err1[:, i] = e
@@ -397,9 +416,14 @@ def gptq(
             work[:, i2:] -= err1 @ u[i1:i2, i2:]
 
     # back to the original column order
+    kept = None
+    if keep is not None:  # kept weights get the zero code and are returned apart, unrounded
+        kept = torch.where(keep, q_all, torch.zeros_like(q_all))
+        q_all = q_all.masked_fill(keep, 0.0)
     if perm is not None:
         inv = torch.argsort(perm)
         q_all = q_all[:, inv]
+        kept = None if kept is None else kept[:, inv]
         g_idx = g_of_pos[inv]
     else:
         g_idx = g_of_pos
@@ -418,6 +442,7 @@ def gptq(
         g_idx=g_idx,
         perm=perm,
         spec=spec,
+        kept=kept,
     )
 
 
