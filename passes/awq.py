@@ -24,8 +24,8 @@ from passes.smooth import tile_to
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
 from qpass.graph.view import EditPlan, GraphView, ScaleChannels, SiteNote
-from qpass.qlinear import canonical_weight, fake_quant_weight
 from qpass.qconfig import INT_FORMATS, WeightQuantConfig
+from qpass.qlinear import canonical_weight, fake_quant_weight
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,9 @@ def awq_scales(act_mean_abs: torch.Tensor, alpha: float, floor: float, period: i
     return (s / s.log().mean().exp()).clamp_min(floor)
 
 
-def weight_only_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, wcfg: WeightQuantConfig) -> float:
+def weight_only_error(
+    x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, wcfg: WeightQuantConfig
+) -> float:
     """Summed relative output error of the sinks with input channels scaled by `s` and weights fake-quantized."""
     total = 0.0
     xs = x / s
@@ -111,19 +113,27 @@ class AWQ(QPass):
             mean_abs = x.abs().mean(0)
             errors = {}
             for alpha in grid:
-                s = tile_to(awq_scales(mean_abs, alpha, self.config.min_scale, absorber.period), site.channels)
+                s = tile_to(
+                    awq_scales(mean_abs, alpha, self.config.min_scale, absorber.period), site.channels
+                )
                 errors[alpha] = weight_only_error(x, weights, s.to(torch.float32), wcfg)
             best = min(grid, key=lambda a: (errors[a], a))
             if best == 0.0:
-                plan.notes.append(SiteNote(site.label, False, f"alpha=0 is best (rel. err {errors[0.0]:.3e})"))
+                plan.notes.append(
+                    SiteNote(site.label, False, f"alpha=0 is best (rel. err {errors[0.0]:.3e})")
+                )
                 continue
             s = awq_scales(mean_abs, best, self.config.min_scale, absorber.period)
             for sink in site.sinks:
                 plan.edits.append(
-                    ScaleChannels(sink.weight.const, sink.weight.in_axis, tile_to(s, site.channels), site=site.label)
+                    ScaleChannels(
+                        sink.weight.const, sink.weight.in_axis, tile_to(s, site.channels), site=site.label
+                    )
                 )
             for const, axis in absorber.targets:
-                plan.edits.append(ScaleChannels(const, axis, 1.0 / tile_to(s, const.shape[axis]), site=site.label))
+                plan.edits.append(
+                    ScaleChannels(const, axis, 1.0 / tile_to(s, const.shape[axis]), site=site.label)
+                )
             detail = f"alpha={best:g}, rel. err {errors[0.0]:.3e} -> {errors[best]:.3e}, via {absorber.path}"
             plan.notes.append(SiteNote(site.label, True, detail))
         return plan

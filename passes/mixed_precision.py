@@ -39,6 +39,7 @@ import torch
 
 from qpass.errors import ConfigError, PreconditionError
 from qpass.formats import Granularity, QuantSpec, ScaleType
+from qpass.threads import single_thread
 
 __all__ = [
     "Allocation",
@@ -50,6 +51,7 @@ __all__ = [
     "storage_bits",
 ]
 
+SMALL_MODEL_WEIGHTS = 1_000_000  # up to this many linear weights, sensitivity forwards run on one thread
 BRUTE_FORCE_LIMIT = 20_000  # combinations checked to certify a non-exact answer as optimal
 
 
@@ -401,8 +403,11 @@ def _output_error(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) ->
     return num / max(den, 1e-30)
 
 
-def _check_budget_first(view: Any, cands: list[Any], mixed: Any) -> None:
-    """Refuse an infeasible budget before spending time on sensitivities (costs need no data)."""
+def _check_budget_first(view: Any, cands: list[Any], mixed: Any) -> int:
+    """Refuse an infeasible budget before spending time on sensitivities (costs need no data).
+
+    Returns the number of weights of the linears to quantize.
+    """
     from qpass.graph.view import OpKind, iter_linear_ops
     from qpass.qlinear import weight_spec
 
@@ -422,12 +427,16 @@ def _check_budget_first(view: Any, cands: list[Any], mixed: Any) -> None:
     if n and least > mixed.budget_bits * n:
         msg = (
             f"recipe key 'weights.mixed.budget_bits': {mixed.budget_bits:g} bits/weight is below the cheapest "
-            f"allocation ({least / n:.4f} bits/weight with {mixed.scale_bits}-bit scales); raise it or add cheaper candidates"
+            f"allocation ({least / n:.4f} bits/weight with {mixed.scale_bits}-bit scales); "
+            "raise it or add cheaper candidates"
         )
         raise ConfigError(msg)
+    return n
 
 
-def choose_formats(view: Any, stats: Any, wcfg: Any, batches: Sequence[Any] | None) -> tuple[dict[str, Any], list]:
+def choose_formats(
+    view: Any, stats: Any, wcfg: Any, batches: Sequence[Any] | None
+) -> tuple[dict[str, Any], list]:
     """Measure every linear's sensitivity to every candidate format, then allocate under the budget.
 
     Returns ``{op name: (weight config, LayerWeight)}`` (the chosen, already quantized weight)
@@ -451,7 +460,8 @@ def choose_formats(view: Any, stats: Any, wcfg: Any, batches: Sequence[Any] | No
             raise PreconditionError(msg)
         sample = list(batches[: mixed.sensitivity_batches])
         refs = [view.run(b) for b in sample]
-    _check_budget_first(view, cands, mixed)
+    n_weights = _check_budget_first(view, cands, mixed)
+    small = n_weights <= SMALL_MODEL_WEIGHTS  # many tiny forwards: OpenMP hand-offs would dominate
     layers, quantized, cfgs = [], [], []
     for op in iter_linear_ops(view):
         ref = view.weight(op)
@@ -470,7 +480,9 @@ def choose_formats(view: Any, stats: Any, wcfg: Any, batches: Sequence[Any] | No
             if use_model:
                 view.write(ref.const, wq if ref.out_axis == 0 else wq.T)
                 view.invalidate()
-                err = sum(_output_error(view.run(b), r) for b, r in zip(sample, refs, strict=True)) / len(sample)
+                with single_thread(small):
+                    outs = [view.run(b) for b in sample]
+                err = sum(_output_error(o, r) for o, r in zip(outs, refs, strict=True)) / len(sample)
                 view.write(ref.const, stored)
                 view.invalidate()
             else:

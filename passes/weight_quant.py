@@ -69,13 +69,19 @@ def quantize_weight(
 ) -> LayerWeight:
     """Quantize a canonical ``[out, in]`` weight as ``cfg`` says; ``xtx`` is the layer's ``X^T X`` or None."""
     if xtx is None and (cfg.algo == "gptq" or cfg.protect != 0):
-        msg = f"layer '{layer}': weights.algo=gptq / weights.protect need calibration X^T X, none was collected"
+        msg = (
+            f"layer '{layer}': weights.algo=gptq / weights.protect need calibration X^T X, none was collected"
+        )
         raise PreconditionError(msg)
     k = _protect_count(cfg, w.numel())
     keep = split = None
     if k:
         split = protect_outliers(
-            w, xtx, count=k, criterion=cfg.protect_criterion, spec=spec if cfg.protect_criterion == "error" else None
+            w,
+            xtx,
+            count=k,
+            criterion=cfg.protect_criterion,
+            spec=spec if cfg.protect_criterion == "error" else None,
         )
         keep = torch.zeros(w.shape, dtype=torch.bool)
         keep[split.rows, split.cols] = True

@@ -369,7 +369,9 @@ def gptq(
         g_of_pos = torch.arange(n_in, device=dev) // gs
         row_spec = _row_spec(spec)
     else:
-        w_scales = w.to(torch.float32) if keep is None else w.to(torch.float32).masked_fill(keep.to(w.device), 0.0)
+        w_scales = (
+            w.to(torch.float32) if keep is None else w.to(torch.float32).masked_fill(keep.to(w.device), 0.0)
+        )
         scales, zps = _params_layout(w_scales, spec)
         g_orig = torch.arange(n_in, device=dev) // gs
         g_of_pos = g_orig if perm is None else g_orig[perm]

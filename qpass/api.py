@@ -92,7 +92,11 @@ def quantize_with_report(
 def _weight_passes(recipe: Recipe) -> list:
     """The recipe's passes; `weights.algo: awq` appends the AWQ scale search unless a step already runs it."""
     steps = [s.build() for s in recipe.passes]
-    if recipe.weights is not None and recipe.weights.algo == "awq" and not any(p.name == "awq" for p in steps):
+    if (
+        recipe.weights is not None
+        and recipe.weights.algo == "awq"
+        and not any(p.name == "awq" for p in steps)
+    ):
         from passes.awq import AWQ, AWQConfig
 
         steps.append(AWQ(AWQConfig()))
@@ -106,7 +110,7 @@ def _check_weight_target(recipe: Recipe, view: GraphView) -> None:
         return
     for key, on in (("lorc_rank", w.lorc_rank > 0), ("protect", w.protect != 0)):
         if on:
-            msg = f"recipe key 'weights.{key}': the ONNX lowering has no low-rank/sparse correction yet; quantize the torch model"
+            msg = f"recipe key 'weights.{key}': the ONNX lowering has no low-rank/sparse term yet; use a torch model"
             raise ConfigError(msg)
 
 

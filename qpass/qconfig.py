@@ -95,7 +95,7 @@ class MixedPrecisionConfig:
                 msg = f"recipe key 'weights.mixed.candidates[{i}].format': {c.format!r} is not one of {INT_FORMATS}"
                 raise ConfigError(msg)
             if c.group is not None and c.group <= 0:
-                msg = f"recipe key 'weights.mixed.candidates[{i}].group': must be a positive integer or null, got {c.group}"
+                msg = f"recipe key 'weights.mixed.candidates[{i}].group': must be a positive int or null, got {c.group}"
                 raise ConfigError(msg)
 
 
@@ -112,7 +112,9 @@ class WeightQuantConfig:
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
     lorc_rank: int = 0  # low-rank compensation: rank of the error correction U[out,r] @ V[r,in]; 0 = off
     protect: int | float = 0  # weights kept in float per layer: a count (int) or a fraction in (0, 1)
-    protect_criterion: Literal["error", "magnitude"] = "error"  # which weights (passes.weights.protect_outliers)
+    protect_criterion: Literal["error", "magnitude"] = (
+        "error"  # which weights (passes.weights.protect_outliers)
+    )
     mixed: MixedPrecisionConfig | None = None  # per-layer format choice under a bit budget
 
     @property
@@ -146,7 +148,6 @@ class WeightQuantConfig:
                 msg = f"recipe key 'weights.clip_search': {self.format} scales follow the block absmax"
                 raise ConfigError(msg)
 
-
     def _check_extras(self) -> None:
         """LoRC, protection, AWQ and mixed precision: integer weights only, values in range."""
         if self.lorc_rank < 0:
@@ -174,7 +175,7 @@ class WeightQuantConfig:
             raise ConfigError(msg)
         if self.mixed is not None and (self.lorc_rank > 0 or p != 0):
             key = "lorc_rank" if self.lorc_rank > 0 else "protect"
-            msg = f"recipe key 'weights.{key}': not combined with 'weights.mixed' (its budget does not count the corrections)"
+            msg = f"recipe key 'weights.{key}': not combined with 'weights.mixed' (its budget ignores corrections)"
             raise ConfigError(msg)
 
 
