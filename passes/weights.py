@@ -277,12 +277,20 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     mean_diag = float(torch.diagonal(h).mean())
     scale = mean_diag if mean_diag > 0 else 1.0
     lam = damp * scale
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
-    hf = h.flip(0, 1)
+    hf = h.flip(0, 1)  # a copy: its diagonal takes the dampening in place (n x n float64 adds up)
+    diag = hf.diagonal()
+    added = 0.0
     for _ in range(4):
-        chol, info = torch.linalg.cholesky_ex(hf + lam * eye)
+        diag.add_(lam - added)
+        added = lam
+        chol, info = torch.linalg.cholesky_ex(hf)
         if int(info) == 0:
-            return torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            del hf, diag
+            inv = torch.eye(n, dtype=h.dtype, device=h.device)
+            torch.linalg.solve_triangular(chol, inv, upper=False, out=inv)
+            del chol
+            return inv.flip(0, 1)
+        del chol
         lam *= 10.0
     msg = f"gptq: H + damp*mean(diag)*I is not positive definite even at damp={lam / 10 / scale:.3g}"
     raise PreconditionError(msg)
@@ -347,7 +355,7 @@ def gptq(
             raise ConfigError(msg)
         keep = keep.to(dev)
     work = w.detach().to(torch.float32).clone()
-    h = h.detach().to(torch.float64).clone()
+    h = h.detach().to(torch.float64, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
 
