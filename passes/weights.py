@@ -264,21 +264,23 @@ def _check_int(value: Any, name: str, lo: int) -> int:
     return value
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + λI)^-1`` (``Uᵀ U = (H + λI)⁻¹``), float64.
+def _inverse_cholesky(hf: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)^-1`` (``Uᵀ U = (H + λI)⁻¹``), float32.
 
-    Without forming the inverse: with ``J`` the reversal permutation, ``J H J = L Lᵀ``
-    gives ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular, so
-    ``U = flip(L⁻¹)``: one Cholesky and one triangular solve (about half the flops of
-    inverting then factorising again). ``λ = damp * mean(diag H)``; if the factorisation
-    fails (H badly conditioned) the dampening is raised tenfold, up to three times.
+    Takes ``hf = J H J``, ``H`` with its rows and columns reversed (``J`` the reversal
+    permutation; the caller builds it in the same indexing as the act-order permutation),
+    as a float64 matrix it hands over: it is dampened in place and freed early, since for a
+    large layer (11008 inputs) each float64 copy is about 1 GB. Without forming the inverse:
+    ``J H J = L Lᵀ`` gives ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper
+    triangular, so ``U = flip(L⁻¹)``: one Cholesky and one triangular solve (about half the
+    flops of inverting then factorising again). ``λ = damp * mean(diag H)``; if the
+    factorisation fails (H badly conditioned) the dampening is raised tenfold, up to three times.
     """
-    n = h.shape[0]
-    mean_diag = float(torch.diagonal(h).mean())
+    n = hf.shape[0]
+    diag = hf.diagonal()
+    mean_diag = float(diag.mean())
     scale = mean_diag if mean_diag > 0 else 1.0
     lam = damp * scale
-    hf = h.flip(0, 1)  # a copy: its diagonal takes the dampening in place (n x n float64 adds up)
-    diag = hf.diagonal()
     added = 0.0
     for _ in range(4):
         diag.add_(lam - added)
@@ -286,10 +288,10 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
         chol, info = torch.linalg.cholesky_ex(hf)
         if int(info) == 0:
             del hf, diag
-            inv = torch.eye(n, dtype=h.dtype, device=h.device)
+            inv = torch.eye(n, dtype=chol.dtype, device=chol.device)
             torch.linalg.solve_triangular(chol, inv, upper=False, out=inv)
             del chol
-            return inv.flip(0, 1)
+            return inv.to(torch.float32).flip(0, 1)
         del chol
         lam *= 10.0
     msg = f"gptq: H + damp*mean(diag)*I is not positive definite even at damp={lam / 10 / scale:.3g}"
@@ -355,19 +357,24 @@ def gptq(
             raise ConfigError(msg)
         keep = keep.to(dev)
     work = w.detach().to(torch.float32).clone()
-    h = h.detach().to(torch.float64, copy=True)
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    h_diag = torch.diagonal(h.detach()).to(torch.float64)
+    dead = h_diag == 0
+    h_diag = torch.where(dead, torch.ones_like(h_diag), h_diag)
 
     perm = None
+    order = torch.arange(n_in, device=h.device)
     if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        perm = torch.argsort(h_diag, descending=True, stable=True)
         work = work[:, perm]
-        h = h[perm][:, perm]
+        order = perm
         if keep is not None:
             keep = keep[:, perm]
-    u = _inverse_cholesky(h, float(damp)).to(torch.float32)
-    del h
+    rev = order.flip(0)  # H in processing order, reversed for _inverse_cholesky: one gather
+    hf = h.detach()[rev][:, rev].to(torch.float64)
+    dead_rev = dead[rev]
+    hf[dead_rev, dead_rev] = 1.0
+    u = _inverse_cholesky(hf, float(damp))
+    del hf
 
     n_groups = n_in // gs
     if dynamic:
