@@ -67,7 +67,12 @@ def lower_linear_fx(view, op: OpRef, q: QLinear) -> None:
     x = node.args[0]
     bias = view.read(q.weight.bias) if q.weight.bias is not None else None
     weight_fp = canonical_weight(view.read(q.weight.const), q.weight) if q.codes is None else None
-    module = QuantLinear(q, weight_fp, bias)
+    if q.has_corrections:  # LoRC / kept weights: extra float terms beside the quantized path
+        from lowering.torch_corrections import CorrectedQuantLinear
+
+        module = CorrectedQuantLinear(q, weight_fp, bias)
+    else:
+        module = QuantLinear(q, weight_fp, bias)
     name = _module_name(op)
     gm.add_module(name, module)
     with gm.graph.inserting_before(node):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from passes.awq import AWQ, AWQConfig
 from passes.base import PassContext, QPass
 from passes.norm_fusion import FuseNorms, FuseNormsConfig
 from passes.rotate import Rotate, RotateConfig
@@ -14,10 +15,13 @@ PASSES: dict[str, tuple[type, type[QPass]]] = {
     "fuse_norms": (FuseNormsConfig, FuseNorms),
     "os_plus": (OSPlusConfig, OutlierSuppressionPlus),
     "outlier_tune": (OutlierTuneConfig, OutlierTune),
+    "awq": (AWQConfig, AWQ),
 }
 
 __all__ = [
+    "AWQ",
     "PASSES",
+    "AWQConfig",
     "FuseNorms",
     "FuseNormsConfig",
     "OSPlusConfig",

@@ -82,6 +82,7 @@ class QuantizedWeight:
     g_idx: torch.Tensor
     perm: torch.Tensor | None
     spec: QuantSpec
+    kept: torch.Tensor | None = None  # gptq(keep=...): float32 [out, in], the kept weights' values, else 0
 
     @property
     def shape(self) -> torch.Size:
@@ -263,25 +264,35 @@ def _check_int(value: Any, name: str, lo: int) -> int:
     return value
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + λI)^-1`` (``Uᵀ U = (H + λI)⁻¹``), float64.
+def _inverse_cholesky(hf: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)^-1`` (``Uᵀ U = (H + λI)⁻¹``), float32.
 
-    Without forming the inverse: with ``J`` the reversal permutation, ``J H J = L Lᵀ``
-    gives ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper triangular, so
-    ``U = flip(L⁻¹)``: one Cholesky and one triangular solve (about half the flops of
-    inverting then factorising again). ``λ = damp * mean(diag H)``; if the factorisation
-    fails (H badly conditioned) the dampening is raised tenfold, up to three times.
+    Takes ``hf = J H J``, ``H`` with its rows and columns reversed (``J`` the reversal
+    permutation; the caller builds it in the same indexing as the act-order permutation),
+    as a float64 matrix it hands over: it is dampened in place and freed early, since for a
+    large layer (11008 inputs) each float64 copy is about 1 GB. Without forming the inverse:
+    ``J H J = L Lᵀ`` gives ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and ``J L⁻¹ J`` is upper
+    triangular, so ``U = flip(L⁻¹)``: one Cholesky and one triangular solve (about half the
+    flops of inverting then factorising again). ``λ = damp * mean(diag H)``; if the
+    factorisation fails (H badly conditioned) the dampening is raised tenfold, up to three times.
     """
-    n = h.shape[0]
-    mean_diag = float(torch.diagonal(h).mean())
+    n = hf.shape[0]
+    diag = hf.diagonal()
+    mean_diag = float(diag.mean())
     scale = mean_diag if mean_diag > 0 else 1.0
     lam = damp * scale
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
-    hf = h.flip(0, 1)
+    added = 0.0
     for _ in range(4):
-        chol, info = torch.linalg.cholesky_ex(hf + lam * eye)
+        diag.add_(lam - added)
+        added = lam
+        chol, info = torch.linalg.cholesky_ex(hf)
         if int(info) == 0:
-            return torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            del hf, diag
+            inv = torch.eye(n, dtype=chol.dtype, device=chol.device)
+            torch.linalg.solve_triangular(chol, inv, upper=False, out=inv)
+            del chol
+            return inv.to(torch.float32).flip(0, 1)
+        del chol
         lam *= 10.0
     msg = f"gptq: H + damp*mean(diag)*I is not positive definite even at damp={lam / 10 / scale:.3g}"
     raise PreconditionError(msg)
@@ -296,6 +307,7 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = True,
     static_groups: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ (Frantar et al., 2023): column-by-column rounding with Cholesky error feedback.
 
@@ -319,6 +331,11 @@ def gptq(
     * The spec's clip method applies to each group (``clip=mse`` searches the clip ratio
       on the updated weights). NVFP4 (E4M3 scales) has a tensor-wide scale, so it needs
       ``static_groups=True``.
+    * ``keep`` (bool ``[out, in]``, optional): weights kept in float (outlier protection).
+      They take no part in their group's scale (counted as zero) and are not rounded:
+      each keeps its error-updated value (zero error, nothing fed forward; SpQR's choice),
+      returned in ``kept``; their codes are the zero code, so ``dequantized() + kept`` is
+      the result.
     """
     w = _weight(W)
     n_out, n_in = w.shape
@@ -334,18 +351,30 @@ def gptq(
         raise ConfigError(msg)
 
     dev = w.device
+    if keep is not None:
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != w.shape:
+            msg = f"argument 'keep' must be a bool tensor of W's shape {list(w.shape)}"
+            raise ConfigError(msg)
+        keep = keep.to(dev)
     work = w.detach().to(torch.float32).clone()
-    h = h.detach().to(torch.float64).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    h_diag = torch.diagonal(h.detach()).to(torch.float64)
+    dead = h_diag == 0
+    h_diag = torch.where(dead, torch.ones_like(h_diag), h_diag)
 
     perm = None
+    order = torch.arange(n_in, device=h.device)
     if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        perm = torch.argsort(h_diag, descending=True, stable=True)
         work = work[:, perm]
-        h = h[perm][:, perm]
-    u = _inverse_cholesky(h, float(damp)).to(torch.float32)
-    del h
+        order = perm
+        if keep is not None:
+            keep = keep[:, perm]
+    rev = order.flip(0)  # H in processing order, reversed for _inverse_cholesky: one gather
+    hf = h.detach()[rev][:, rev].to(torch.float64)
+    dead_rev = dead[rev]
+    hf[dead_rev, dead_rev] = 1.0
+    u = _inverse_cholesky(hf, float(damp))
+    del hf
 
     n_groups = n_in // gs
     if dynamic:
@@ -355,7 +384,10 @@ def gptq(
         g_of_pos = torch.arange(n_in, device=dev) // gs
         row_spec = _row_spec(spec)
     else:
-        scales, zps = _params_layout(w.to(torch.float32), spec)
+        w_scales = (
+            w.to(torch.float32) if keep is None else w.to(torch.float32).masked_fill(keep.to(w.device), 0.0)
+        )
+        scales, zps = _params_layout(w_scales, spec)
         g_orig = torch.arange(n_in, device=dev) // gs
         g_of_pos = g_orig if perm is None else g_orig[perm]
         g_list = g_of_pos.tolist()  # one host list, not a device sync per column
@@ -378,6 +410,8 @@ def gptq(
                         if end > i2:  # the group reaches past this block: apply its pending updates
                             tail = work[:, i2:end] - err1[:, :i] @ u[i1:j, i2:end]
                             cur = torch.cat([cur, tail], dim=1)
+                        if keep is not None:
+                            cur = cur.masked_fill(keep[:, j : j + cur.shape[1]], 0.0)
                         s, z = _params_layout(cur, row_spec)
                         col_scale = scales[:, g] = s[:, 0]
                         if zps is not None:
@@ -388,6 +422,8 @@ def gptq(
                     col_zp = None if zps is None else zps[:, g]
                 col = w1[:, i]
                 q = fake_rows(col[:, None], col_scale, col_zp, spec)[:, 0]
+                if keep is not None:
+                    q = torch.where(keep[:, j], col, q)
                 q_all[:, j] = q
                 e = (col - q) / u1[i, i]
                 err1[:, i] = e
@@ -397,9 +433,14 @@ def gptq(
             work[:, i2:] -= err1 @ u[i1:i2, i2:]
 
     # back to the original column order
+    kept = None
+    if keep is not None:  # kept weights get the zero code and are returned apart, unrounded
+        kept = torch.where(keep, q_all, torch.zeros_like(q_all))
+        q_all = q_all.masked_fill(keep, 0.0)
     if perm is not None:
         inv = torch.argsort(perm)
         q_all = q_all[:, inv]
+        kept = None if kept is None else kept[:, inv]
         g_idx = g_of_pos[inv]
     else:
         g_idx = g_of_pos
@@ -418,6 +459,7 @@ def gptq(
         g_idx=g_idx,
         perm=perm,
         spec=spec,
+        kept=kept,
     )
 
 

@@ -78,13 +78,12 @@ def quantize_with_report(
         batches = torch_batches(calibration)
         view = open_view(model, example_inputs if example_inputs is not None else batches[0])
     ctx = PassContext(recipe.weights, recipe.activations, progress)
-    report = run_passes(
-        view, [s.build() for s in recipe.passes], batches, ctx, verify=verify, tolerance=tolerance
-    )
+    _check_weight_target(recipe, view)
+    report = run_passes(view, _weight_passes(recipe), batches, ctx, verify=verify, tolerance=tolerance)
     if recipe.quantizes:
         requests = quant_stat_requests(view, recipe.activations, recipe.weights)
         stats = calibrate(view, batches, requests, progress=progress, desc="quantize") if requests else None
-        plan = plan_quantization(view, stats, recipe.weights, recipe.activations)
+        plan = plan_quantization(view, stats, recipe.weights, recipe.activations, batches)
         view.apply(plan)
         report.results.append(PassResult("quantize", plan))
     if isinstance(view, OnnxGraphView):
@@ -94,6 +93,31 @@ def quantize_with_report(
         out.meta["qpass_report"] = report
         out.meta["qpass_recipe"] = recipe.to_dict()
     return QuantizeResult(out, report, recipe)
+
+
+def _weight_passes(recipe: Recipe) -> list:
+    """The recipe's passes; `weights.algo: awq` appends the AWQ scale search unless a step already runs it."""
+    steps = [s.build() for s in recipe.passes]
+    if (
+        recipe.weights is not None
+        and recipe.weights.algo == "awq"
+        and not any(p.name == "awq" for p in steps)
+    ):
+        from passes.awq import AWQ, AWQConfig
+
+        steps.append(AWQ(AWQConfig()))
+    return steps
+
+
+def _check_weight_target(recipe: Recipe, view: GraphView) -> None:
+    """Float corrections (LoRC, kept weights) are lowered on torch only so far: refuse them on ONNX by key."""
+    w = recipe.weights
+    if w is None or not isinstance(view, OnnxGraphView):
+        return
+    for key, on in (("lorc_rank", w.lorc_rank > 0), ("protect", w.protect != 0)):
+        if on:
+            msg = f"recipe key 'weights.{key}': the ONNX lowering has no low-rank/sparse term yet; use a torch model"
+            raise ConfigError(msg)
 
 
 def quantize(

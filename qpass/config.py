@@ -41,11 +41,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value in get_args(tp):
             return value
     elif origin in (typing.Union, types.UnionType):
+        nested = None  # a mapping meant for a dataclass option: its own error names the inner key
         for arg in get_args(tp):
             try:
                 return _coerce(value, arg, where)
-            except ConfigError:
+            except ConfigError as exc:
+                if dataclasses.is_dataclass(arg) and isinstance(value, Mapping):
+                    nested = exc
                 continue
+        if nested is not None:
+            raise nested
     elif origin is tuple:
         if isinstance(value, (list, tuple)):
             (item,) = {a for a in get_args(tp) if a is not Ellipsis}

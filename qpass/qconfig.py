@@ -53,16 +53,75 @@ def is_block_format(name: str) -> bool:
 
 
 @dataclass(frozen=True)
+class WeightFormatChoice:
+    """One candidate format of mixed precision: an INTn element and its grouping (None = per channel)."""
+
+    format: str = "int8"
+    group: int | None = None
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    """Per-layer choice among formats under an average-bits budget (the recipe's `weights.mixed`).
+
+    The candidates are the base format (`weights.format`/`weights.group`) plus `candidates`.
+    A layer's cost is its storage in bits: elements plus scales (`scale_bits` each, 16 as
+    MatMulNBits stores fp16 scales) plus zero points when asymmetric; the budget is
+    `budget_bits` times the number of weights of all quantized linears, never exceeded.
+    Sensitivity is measured per layer and candidate with only that layer quantized:
+    `model_output` = relative squared error of the model's outputs on `sensitivity_batches`
+    calibration batches; `layer_output` = the layer's own output error tr(E H E^T)/tr(W H W^T).
+    """
+
+    budget_bits: float = 4.5
+    candidates: tuple[WeightFormatChoice, ...] = ()
+    sensitivity: Literal["model_output", "layer_output"] = "model_output"
+    sensitivity_batches: int = 2
+    scale_bits: int = 16
+    method: Literal["dp", "greedy"] = "dp"
+
+    def __post_init__(self) -> None:
+        if not self.budget_bits > 0:
+            msg = f"recipe key 'weights.mixed.budget_bits': must be > 0, got {self.budget_bits}"
+            raise ConfigError(msg)
+        if self.sensitivity_batches < 1:
+            msg = f"recipe key 'weights.mixed.sensitivity_batches': must be >= 1, got {self.sensitivity_batches}"
+            raise ConfigError(msg)
+        if self.scale_bits not in (16, 32):
+            msg = f"recipe key 'weights.mixed.scale_bits': must be 16 or 32, got {self.scale_bits}"
+            raise ConfigError(msg)
+        for i, c in enumerate(self.candidates):
+            if c.format not in INT_FORMATS:
+                msg = f"recipe key 'weights.mixed.candidates[{i}].format': {c.format!r} is not one of {INT_FORMATS}"
+                raise ConfigError(msg)
+            if c.group is not None and c.group <= 0:
+                msg = f"recipe key 'weights.mixed.candidates[{i}].group': must be a positive int or null, got {c.group}"
+                raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
 class WeightQuantConfig:
     """Weight quantization: format, grouping (None = one scale per output channel), algorithm."""
 
     format: str = "int8"
     group: int | None = None
     symmetric: bool = True
-    algo: Literal["rtn", "gptq"] = "rtn"
+    algo: Literal["rtn", "gptq", "awq"] = "rtn"  # awq: the `awq` scale search pass, then RTN
     clip_search: bool = False  # RTN: MSE-optimal clip ratio per channel/group
     act_order: bool = True  # GPTQ: columns by descending Hessian diagonal (emits g_idx)
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
+    lorc_rank: int = 0  # low-rank compensation: rank of the error correction U[out,r] @ V[r,in]; 0 = off
+    protect: int | float = 0  # weights kept in float per layer: a count (int) or a fraction in (0, 1)
+    protect_criterion: Literal["error", "magnitude"] = (
+        "error"  # which weights (passes.weights.protect_outliers)
+    )
+    mixed: MixedPrecisionConfig | None = None  # per-layer format choice under a bit budget
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether quantizing needs each linear's X^T X (GPTQ, LoRC, protection, layer sensitivity)."""
+        layer_sens = self.mixed is not None and self.mixed.sensitivity == "layer_output"
+        return self.algo == "gptq" or self.lorc_rank > 0 or self.protect != 0 or layer_sens
 
     def __post_init__(self) -> None:
         if self.format not in WEIGHT_FORMATS:
@@ -74,6 +133,7 @@ class WeightQuantConfig:
         if self.damp <= 0:
             msg = f"recipe key 'weights.damp': must be > 0, got {self.damp}"
             raise ConfigError(msg)
+        self._check_extras()
         if is_block_format(self.format):
             if self.group is not None:
                 msg = (
@@ -87,6 +147,36 @@ class WeightQuantConfig:
             if self.clip_search and self.format not in ("fp8_e4m3", "fp8_e5m2"):
                 msg = f"recipe key 'weights.clip_search': {self.format} scales follow the block absmax"
                 raise ConfigError(msg)
+
+    def _check_extras(self) -> None:
+        """LoRC, protection, AWQ and mixed precision: integer weights only, values in range."""
+        if self.lorc_rank < 0:
+            msg = f"recipe key 'weights.lorc_rank': must be an integer >= 0, got {self.lorc_rank}"
+            raise ConfigError(msg)
+        p = self.protect
+        if isinstance(p, float) and not 0.0 <= p < 1.0:
+            msg = f"recipe key 'weights.protect': a fraction must be in [0, 1), got {p} (give a count as an int)"
+            raise ConfigError(msg)
+        if isinstance(p, int) and p < 0:
+            msg = f"recipe key 'weights.protect': a count must be >= 0, got {p}"
+            raise ConfigError(msg)
+        extras = [
+            k
+            for k, on in (
+                ("lorc_rank", self.lorc_rank > 0),
+                ("protect", p != 0),
+                ("algo", self.algo == "awq"),
+                ("mixed", self.mixed is not None),
+            )
+            if on
+        ]
+        if extras and self.format not in INT_FORMATS:
+            msg = f"recipe key 'weights.{extras[0]}': needs an integer weight format {INT_FORMATS}, got {self.format!r}"
+            raise ConfigError(msg)
+        if self.mixed is not None and (self.lorc_rank > 0 or p != 0):
+            key = "lorc_rank" if self.lorc_rank > 0 else "protect"
+            msg = f"recipe key 'weights.{key}': not combined with 'weights.mixed' (its budget ignores corrections)"
+            raise ConfigError(msg)
 
 
 @dataclass(frozen=True)

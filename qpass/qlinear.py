@@ -9,7 +9,9 @@ The result is a list of `QLinear` that lowering turns into backend ops.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -150,6 +152,25 @@ class QLinear:
     act: ActivationQuantConfig | None
     act_qparams: ActQParams | None  # static per-tensor only
     spec: QuantSpec | None = None  # the weight format; float elements store bit-pattern codes
+    lorc_u: torch.Tensor | None = None  # low-rank compensation U [out, r] (W ~ dequant + U @ V)
+    lorc_v: torch.Tensor | None = None  # V [r, in]
+    outlier_rows: torch.Tensor | None = None  # protected weights kept in float: int64 [k] rows,
+    outlier_cols: torch.Tensor | None = None  # int64 [k] input channels,
+    outlier_values: torch.Tensor | None = None  # float32 [k] values (their codes are the zero code)
+
+    @property
+    def has_corrections(self) -> bool:
+        """A low-rank or sparse float term on top of the quantized weight."""
+        return self.lorc_u is not None or self.outlier_values is not None
+
+    def effective_weight(self) -> torch.Tensor:
+        """float32 [out, in]: dequantized weight + kept (protected) weights + U @ V."""
+        w = self.dequantized_weight().clone()
+        if self.outlier_values is not None:
+            w[self.outlier_rows, self.outlier_cols] += self.outlier_values
+        if self.lorc_u is not None:
+            w = w + self.lorc_u @ self.lorc_v
+        return w
 
     @property
     def per_channel(self) -> bool:
@@ -197,7 +218,7 @@ def quant_stat_requests(
     kinds = set()
     if acfg is not None and not acfg.dynamic:
         kinds.add(StatKind.RANGE)
-    if wcfg is not None and wcfg.algo == "gptq":
+    if wcfg is not None and wcfg.needs_hessian:
         kinds.add(StatKind.XTX)
     if not kinds:
         return []
@@ -210,16 +231,27 @@ def plan_quantization(
     stats: Stats,
     wcfg: WeightQuantConfig | None,
     acfg: ActivationQuantConfig | None,
+    batches: Sequence[Any] | None = None,
 ) -> EditPlan:
-    """One ReplaceWithQOp per quantizable linear; skipped layers say why."""
+    """One ReplaceWithQOp per quantizable linear; skipped layers say why.
+
+    With `wcfg.mixed`, each layer's format is chosen first (`passes.mixed_precision.choose_formats`,
+    which measures sensitivity on `batches`) and the choice is reported per layer.
+    """
     plan = EditPlan("quantize")
+    chosen: dict[str, Any] = {}
+    if wcfg is not None and wcfg.mixed is not None:
+        from passes.mixed_precision import choose_formats
+
+        chosen, notes = choose_formats(view, stats, wcfg, batches)
+        plan.notes.extend(notes)
     for op in iter_linear_ops(view):
         ref = view.weight(op)
         assert ref is not None
         if op.kind is not OpKind.LINEAR or len(ref.const.shape) != 2:
             plan.notes.append(SiteNote(op.name, False, f"{op.op_type} quantization is not lowered yet"))
             continue
-        qlinear = _quantize_linear(view, op, ref, stats, wcfg, acfg)
+        qlinear = _quantize_linear(view, op, ref, stats, wcfg, acfg, chosen.get(op.name))
         plan.edits.append(ReplaceWithQOp(op, qlinear, site=op.name))
         plan.notes.append(SiteNote(op.name, True, _describe(qlinear)))
     return plan
@@ -232,18 +264,22 @@ def _quantize_linear(
     stats: Stats,
     wcfg: WeightQuantConfig | None,
     acfg: ActivationQuantConfig | None,
+    chosen: Any = None,
 ) -> QLinear:
+    """`chosen` is a mixed-precision choice: (the layer's weight config, its already quantized weight)."""
     w = canonical_weight(view.read(ref.const), ref)
     codes = scales = zeros = g_idx = None
+    lw = None
+    if chosen is not None:
+        wcfg, lw = chosen
     if wcfg is not None:
-        from passes.weights import gptq, rtn  # the algorithms live with the passes
+        from passes.weight_quant import quantize_weight  # the algorithms live with the passes
 
         spec = weight_spec(wcfg)
-        if wcfg.algo == "gptq":
-            st = stats[view.linear_input(op)]
-            qw = gptq(w, st.xtx, spec, act_order=wcfg.act_order, damp=wcfg.damp)
-        else:
-            qw = rtn(w, spec, clip_search=wcfg.clip_search)
+        if lw is None:
+            xtx = stats[view.linear_input(op)].xtx if wcfg.needs_hessian else None
+            lw = quantize_weight(w, wcfg, spec, xtx, layer=op.name)
+        qw = lw.qweight
         codes, scales = qw.codes, qw.scales.to(torch.float32)
         zeros = None if wcfg.symmetric else qw.zero_points
         g_idx = None if qw.sequential_groups else qw.g_idx.to(torch.int64)
@@ -256,13 +292,21 @@ def _quantize_linear(
     group = wcfg.group if wcfg is not None else None
     if spec is not None and spec.granularity is Granularity.PER_GROUP:
         group = spec.group_size
-    return QLinear(ref, codes, scales, zeros, g_idx, group, bits, acfg, qp, spec)
+    q = QLinear(ref, codes, scales, zeros, g_idx, group, bits, acfg, qp, spec)
+    if lw is not None:
+        q.lorc_u, q.lorc_v = lw.lorc_u, lw.lorc_v
+        q.outlier_rows, q.outlier_cols, q.outlier_values = lw.outlier_rows, lw.outlier_cols, lw.outlier_values
+    return q
 
 
 def _describe(q: QLinear) -> str:
     w = "w:fp" if q.codes is None else f"w:int{q.bits}/" + (f"g{q.group_size}" if q.group_size else "ch")
     if q.codes is not None and not q.integer_weight:
         w = f"w:{q.spec.element.value}/" + (f"b{q.group_size}" if q.group_size else "ch")
+    if q.lorc_u is not None:
+        w += f"+lorc{q.lorc_u.shape[1]}"
+    if q.outlier_values is not None:
+        w += f"+{q.outlier_values.numel()} kept"
     if q.act is None:
         return f"{w} a:fp"
     if q.act_qparams is not None:
