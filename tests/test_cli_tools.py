@@ -32,7 +32,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 
-def qpass_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def qpass_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """`python -m qpass ARGS` importing this checkout (and tests/, for the `cli_models` factories)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
