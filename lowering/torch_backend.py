@@ -66,6 +66,8 @@ class QuantLinear(torch.nn.Module):
         self.act = q.act
         self.act_qparams = q.act_qparams
         self.kernel = select_kernel(q)
+        # True while saving: forward reads only the saved (packed) state, never the float cache
+        self.packed_only = False
         self._init_kernel_buffers()
 
     def _init_kernel_buffers(self) -> None:
@@ -99,7 +101,7 @@ class QuantLinear(torch.nn.Module):
             return self._forward_w8a8(x, None)
         if self.kernel is LinearKernel.W8A8_STATIC:
             return self._forward_w8a8(x, self.act_qparams)
-        if self.kernel is LinearKernel.W4A16 and x.is_cuda:
+        if self.kernel is LinearKernel.W4A16 and (x.is_cuda or self.packed_only):
             return self._forward_w4a16(x)
         return self._forward_reference(x)
 
@@ -141,7 +143,12 @@ class QuantLinear(torch.nn.Module):
         if self.act is not None:
             x = fake_quant_act(x.to(torch.float32), self.act, self.act_qparams)
         bias = None if self.bias is None else self.bias.to(torch.float32)
-        return F.linear(x.to(torch.float32), self._weight, bias).to(dtype)
+        w = self._weight
+        if self.packed_only and self.weight_codes is not None:
+            w = dequantize_weight(
+                self.weight_codes, self.weight_scales, self.weight_zero_points, self.weight_g_idx
+            )
+        return F.linear(x.to(torch.float32), w, bias).to(dtype)
 
     def extra_repr(self) -> str:
         out, inp = self._weight.shape
