@@ -170,3 +170,33 @@ def test_w4a16_gemm(m, n, k, group, symmetric, act_order, split_k, dtype):
     assert y.dtype == dtype and y.shape == (m, n)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8", "nvfp4"])
+@pytest.mark.parametrize(("m", "n", "k"), [(5, 33, 96), (17, 20, 160)])
+def test_block_scaled_gemm_matches_formats_reference(fmt, m, n, k):
+    from kernels.mx_gemm import dequantize_mx, mx_gemm_reference, mx_gemm_triton, pack_mx_weight
+    from qpass.formats import dequantize, get_format, quantize
+
+    g = torch.Generator().manual_seed(m * n)
+    w_fp = torch.randn(n, k, generator=g) * torch.logspace(-3, 1, n)[:, None]  # wide scale range
+    qt = quantize(w_fp, get_format(fmt))
+    w = pack_mx_weight(qt)
+    assert torch.equal(dequantize_mx(w), dequantize(qt))  # decoding equals qpass.formats bit for bit
+    x = torch.randn(m, k, generator=g)
+    y = mx_gemm_triton(
+        x.to(DEVICE),
+        w.__class__(*(v.to(DEVICE) if torch.is_tensor(v) else v for v in w.__dict__.values())),
+        blocks=(16, 16, 64),
+    )
+    ref = mx_gemm_reference(x, w)
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(ref, x @ dequantize(qt).T, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_block_scaled_gemm_rejects_other_formats():
+    from kernels.mx_gemm import pack_mx_weight
+    from qpass.formats import get_format, quantize
+
+    with pytest.raises(ConfigError, match="mx_gemm: expects"):
+        pack_mx_weight(quantize(torch.randn(4, 64), get_format("mxint8")))
