@@ -5,6 +5,8 @@ where there is no GPU) with small blocks so each tail path is exercised.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -184,11 +186,8 @@ def test_block_scaled_gemm_matches_formats_reference(fmt, m, n, k):
     w = pack_mx_weight(qt)
     assert torch.equal(dequantize_mx(w), dequantize(qt))  # decoding equals qpass.formats bit for bit
     x = torch.randn(m, k, generator=g)
-    y = mx_gemm_triton(
-        x.to(DEVICE),
-        w.__class__(*(v.to(DEVICE) if torch.is_tensor(v) else v for v in w.__dict__.values())),
-        blocks=(16, 16, 64),
-    )
+    on_device = dataclasses.replace(w, data=w.data.to(DEVICE), scale_bits=w.scale_bits.to(DEVICE))
+    y = mx_gemm_triton(x.to(DEVICE), on_device, blocks=(16, 16, 64))
     ref = mx_gemm_reference(x, w)
     torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     torch.testing.assert_close(ref, x @ dequantize(qt).T, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
