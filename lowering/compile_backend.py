@@ -108,7 +108,8 @@ def quantize_graph(gm: fx.GraphModule, inputs: Sequence[Any], opts: BackendOptio
     from qpass.api import quantize_with_report
     from qpass.graph.fx import FxGraphView, capture
 
-    example = tuple(inputs)
+    # torch.export marks dynamic dims on the tensors it traces; dynamo's own inputs must keep theirs
+    example = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
     captured = capture(gm, example)
     recipe = opts.recipe
     calibration = opts.calibration
@@ -142,7 +143,9 @@ def qpass_backend(
         return _finish(gm, example_inputs, opts)
     gm, keep = freeze_parameters(gm, example_inputs)
     user_inputs = [example_inputs[i] for i in keep]
-    qgm = quantize_graph(gm, user_inputs, opts)
+    # torch.export inside a backend must not add its shape guards to the frame dynamo is compiling
+    with torch._guards.tracing(None):
+        qgm = quantize_graph(gm, user_inputs, opts)
     compiled = _finish(qgm, user_inputs, opts)
 
     def run(*args: Any) -> Any:

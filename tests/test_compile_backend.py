@@ -119,3 +119,13 @@ def test_compiled_minilm_matches_eager_qpass():
     cos = torch.nn.functional.cosine_similarity
     assert cos(y, ref).min() > 0.998
     assert cos(y, fp).min() > cos(ref, fp).min() - 0.002 and cos(y, fp).min() > 0.99
+
+
+def test_backend_adds_no_guards_of_its_own():
+    """torch.export runs inside the backend; its shape guards must not land on dynamo's frame."""
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 64)
+    eager = qpass.quantize(lin, "w8a8-dynamic", calibration=[x])
+    compiled = torch.compile(lin, backend="qpass", options={"recipe": "w8a8-dynamic", "inductor": False})
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
