@@ -50,10 +50,10 @@ def int8_gemm_reference(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """(q [M, K] @ w_kn [K, N]) in int32 via torch._int_mm, then the per-token x per-channel epilogue."""
-    acc = torch._int_mm(q, w_kn)
-    y = acc.to(torch.float32) * a_scale.reshape(-1, 1) * w_scale.reshape(1, -1)
+    y = torch._int_mm(q, w_kn).to(torch.float32)
+    y.mul_(a_scale.reshape(-1, 1)).mul_(w_scale.reshape(1, -1))  # in place: the epilogue is memory bound
     if bias is not None:
-        y = y + bias.to(torch.float32)
+        y.add_(bias.to(torch.float32))
     return y.to(out_dtype)
 
 
