@@ -15,6 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if not torch.cuda.is_available():  # Triton kernels reach CPU tensors only through its interpreter,
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # chosen when kernels are decorated (import time)
 
 from models import TinyBert, TinyLlama, bert_inputs, inject_outliers, llama_inputs  # noqa: E402
 

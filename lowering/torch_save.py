@@ -1,0 +1,105 @@
+"""Save and load a quantized torch model: one `.pt2` file holding the lowered program, its packed
+weights (INT8 codes, packed INT4 nibbles, scales, zero points) and the recipe; loading needs
+neither the model's class nor calibration data.
+
+The file is a `torch.export` program (`torch.export.save`), so it loads with the stable PT2
+format instead of pickled Python objects. While exporting, each `QuantLinear` runs in
+`packed_only` mode: its forward reads only the quantized state, so the float weight cache is
+not written. The recipe travels as JSON in the archive's extra files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lowering.torch_backend import LinearKernel, QuantLinear
+from qpass.errors import ConfigError, ModelLoadError
+from qpass.graph.fx import _all_dims_auto, split_batch
+from qpass.recipe import Recipe
+
+_RECIPE_FILE = "qpass_recipe.json"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded quantized model: call `module` like the original; `recipe` made it."""
+
+    module: torch.nn.Module
+    recipe: Recipe | None
+
+
+def _register_ops() -> None:
+    import kernels.hadamard  # noqa: F401 - the qpass::* ops a saved program calls
+    import kernels.w4a16  # noqa: F401
+    import kernels.w8a8  # noqa: F401
+
+
+def _not_read_when_packed(m: QuantLinear) -> list[str]:
+    """Buffers a packed-only forward does not read (torch.export would write them all)."""
+    names = []
+    if m.weight_codes is not None:
+        names.append("_weight")  # the float cache
+    if m.kernel is not LinearKernel.REFERENCE:
+        names.append("weight_codes")  # the kernels read their own layout (_w_kn, _packed)
+    return names
+
+
+@contextmanager
+def _packed_only(model: torch.nn.Module):
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    stashed = []
+    for m in mods:
+        m.packed_only = True
+        stashed.append({n: m._buffers.pop(n) for n in _not_read_when_packed(m)})
+    try:
+        yield
+    finally:
+        for m, bufs in zip(mods, stashed, strict=True):
+            m.packed_only = False
+            m._buffers.update(bufs)
+
+
+def save_quantized(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any) -> None:
+    """Export `model` (a `qpass.quantize` result) on `example_inputs` and write it with its recipe."""
+    _register_ops()
+    args, kwargs = split_batch(example_inputs)
+    recipe = getattr(model, "meta", {}).get("qpass_recipe")
+    with _packed_only(model), torch.no_grad():
+        try:
+            ep = torch.export.export(
+                model, args, kwargs, dynamic_shapes=_all_dims_auto(model, args, kwargs), strict=False
+            )
+        except Exception:  # noqa: BLE001 - models with fixed shapes export without dynamic dims
+            ep = torch.export.export(model, args, kwargs, strict=False)
+    extra = {_RECIPE_FILE: json.dumps(recipe)} if recipe is not None else {}
+    torch.export.save(ep, os.fspath(path), extra_files=extra)
+
+
+def load_quantized(path: str | os.PathLike) -> LoadedModel:
+    """Load what `save_quantized` wrote: the runnable module and the recipe."""
+    _register_ops()
+    extra = {_RECIPE_FILE: ""}
+    if not os.path.isfile(path):
+        msg = f"{os.fspath(path)}: no such quantized model file"
+        raise ModelLoadError(msg)
+    try:
+        ep = torch.export.load(os.fspath(path), extra_files=extra)
+    except Exception as exc:  # the archive reader raises many types; name the file and the cause
+        msg = f"{os.fspath(path)}: not a qpass .pt2 model ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        raise ModelLoadError(msg) from exc
+    recipe = None
+    if extra[_RECIPE_FILE]:
+        try:
+            recipe = Recipe.from_dict(
+                json.loads(extra[_RECIPE_FILE]), origin=f"{os.fspath(path)}:{_RECIPE_FILE}"
+            )
+        except (json.JSONDecodeError, ConfigError) as exc:
+            msg = f"{os.fspath(path)}: stored recipe is invalid: {exc}"
+            raise ModelLoadError(msg) from exc
+    return LoadedModel(ep.module(), recipe)
