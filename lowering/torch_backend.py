@@ -147,10 +147,15 @@ class QuantLinear(torch.nn.Module):
         if self.act is not None:
             x = fake_quant_act(x.to(torch.float32), self.act, self.act_qparams)
         bias = None if self.bias is None else self.bias.to(torch.float32)
-        w = self._weight
-        if self.packed_only and self.weight_codes is not None:
+        if not (self.packed_only and self.weight_codes is not None):
+            w = self._weight
+        else:
             w = dequantize_weight(
-                self.weight_codes, self.weight_scales, self.weight_zero_points, self.weight_g_idx, self.element
+                self.weight_codes,
+                self.weight_scales,
+                self.weight_zero_points,
+                self.weight_g_idx,
+                self.element,
             )
         return F.linear(x.to(torch.float32), w, bias).to(dtype)
 

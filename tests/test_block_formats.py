@@ -84,3 +84,23 @@ def test_block_weights_refused_by_onnx_qdq(bert_case, onnx_dir):
         qpass.quantize(
             str(bert_case.onnx_path(onnx_dir)), _recipe("mxfp4", None, "onnxruntime"), bert_case.onnx_calib()
         )
+
+
+def test_block_weights_take_reference_kernel_and_save(llama_case, tmp_path):
+    """FP8 per channel has 8-bit codes but is no INT8: never the integer kernels; saved and loaded
+    (packed-only forward decodes the bit patterns) the outputs are unchanged.
+    """
+    from lowering.torch_backend import LinearKernel
+    from lowering.torch_save import load_quantized, save_quantized
+
+    for fmt in ("fp8_e4m3", "mxfp4"):
+        q = qpass.quantize(llama_case.model, _recipe(fmt, None), llama_case.batches)
+        kernels = {m.kernel for m in q.modules() if isinstance(m, QuantLinear)}
+        assert kernels == {LinearKernel.REFERENCE}
+    batch = llama_case.batches[0]
+    save_quantized(q, tmp_path / "m.pt2", batch)
+    loaded = load_quantized(tmp_path / "m.pt2").module
+    with torch.no_grad():
+        a = q(*llama_case.torch_args(batch))
+        b = loaded(*llama_case.torch_args(batch))
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
