@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from passes.base import PassContext, QPass
 from passes.norm_fusion import FuseNorms, FuseNormsConfig
+from passes.reorder import Reorder, ReorderConfig
 from passes.rotate import Rotate, RotateConfig
 from passes.smooth import SmoothQuant, SmoothQuantConfig
 
@@ -11,6 +12,7 @@ PASSES: dict[str, tuple[type, type[QPass]]] = {
     "smooth_quant": (SmoothQuantConfig, SmoothQuant),
     "rotate": (RotateConfig, Rotate),
     "fuse_norms": (FuseNormsConfig, FuseNorms),
+    "reorder": (ReorderConfig, Reorder),
 }
 
 __all__ = [
@@ -19,6 +21,8 @@ __all__ = [
     "FuseNormsConfig",
     "PassContext",
     "QPass",
+    "Reorder",
+    "ReorderConfig",
     "Rotate",
     "RotateConfig",
     "SmoothQuant",

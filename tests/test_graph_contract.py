@@ -96,3 +96,22 @@ def test_shared_constant_counts_all_users(backend, tmp_path):
 def test_ops_filter_by_kind(bert_case, backend, onnx_dir, kind):
     view = bert_case.view(backend, onnx_dir)
     assert all(op.kind is kind for op in view.ops(frozenset({kind})))
+
+
+def test_permute_edit_then_read_back_and_restore(llama_case, backend, onnx_dir):
+    """PermuteChannels reorders a constant along one axis on both graph kinds; an invalid
+    permutation is refused by name; folded into producer rows and consumer columns it is exact.
+    """
+    from qpass.errors import PassError
+    from qpass.graph.view import CONSTANT_EDITS, PermuteChannels
+
+    assert PermuteChannels in CONSTANT_EDITS
+    view = llama_case.view(backend, onnx_dir)
+    op = next(iter(iter_linear_ops(view)))
+    ref = view.weight(op)
+    before = view.read(ref.const)
+    perm = torch.randperm(ref.in_features, generator=torch.Generator().manual_seed(0))
+    assert view.apply(EditPlan("test", [PermuteChannels(ref.const, ref.in_axis, perm)]))
+    torch.testing.assert_close(view.read(ref.const), before.index_select(ref.in_axis, perm))
+    with pytest.raises(PassError, match=ref.const.name):
+        view.apply(EditPlan("test", [PermuteChannels(ref.const, ref.in_axis, torch.zeros_like(perm))]))
