@@ -168,3 +168,28 @@ def test_mxfp4_reorder_recipe_runs(wide_llama):
     q = qpass.quantize(model, "mxfp4-reorder", batches[:2])
     err = float((q(x) - ref).norm() / ref.norm())
     assert err < 0.5
+
+
+@pytest.mark.slow
+def test_reorder_is_exact_on_minilm_fx_and_onnx(tmp_path):
+    """Real MiniLM: the FFN inputs (GELU of the 1536-wide intermediate) reordered for MXFP4
+    blocks, and every head site for BFP blocks of 8; FP outputs unchanged, no op added.
+    """
+    from qpass import zoo
+    from qpass.graph.fx import FxGraphView, capture, clone_graph_module
+    from qpass.graph.onnx import OnnxGraphView, load_model
+
+    embedder, tok = zoo.load_minilm_embedder()
+    batches = zoo.minilm_batches(tok, zoo.sentences("calib", 16), batch_size=8, max_len=32)
+    torch_batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
+    path = zoo.export_minilm_onnx(tmp_path / "minilm.onnx", embedder=embedder)
+    for view, bs in (
+        (FxGraphView(clone_graph_module(capture(embedder, torch_batches[0]))), torch_batches),
+        (OnnxGraphView(load_model(path)), batches),
+    ):
+        n_ops = len(list(view.ops()))
+        before = view.run(bs[-1])
+        result = _run(view, bs, block=32)
+        assert len(result.plan.applied_sites) == 6  # the six FFN down-projection inputs
+        assert len(list(view.ops())) == n_ops
+        assert max_relative_error(before, view.run(bs[-1])) <= 1e-4
