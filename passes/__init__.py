@@ -7,12 +7,14 @@ from passes.norm_fusion import FuseNorms, FuseNormsConfig
 from passes.reorder import Reorder, ReorderConfig
 from passes.rotate import Rotate, RotateConfig
 from passes.smooth import SmoothQuant, SmoothQuantConfig
+from passes.split import SplitQuant, SplitQuantConfig
 
 PASSES: dict[str, tuple[type, type[QPass]]] = {
     "smooth_quant": (SmoothQuantConfig, SmoothQuant),
     "rotate": (RotateConfig, Rotate),
     "fuse_norms": (FuseNormsConfig, FuseNorms),
     "reorder": (ReorderConfig, Reorder),
+    "split_quant": (SplitQuantConfig, SplitQuant),
 }
 
 __all__ = [
@@ -27,4 +29,6 @@ __all__ = [
     "RotateConfig",
     "SmoothQuant",
     "SmoothQuantConfig",
+    "SplitQuant",
+    "SplitQuantConfig",
 ]

@@ -129,6 +129,22 @@ class PermuteChannels:
 
 
 @dataclass(frozen=True)
+class SplitOp:
+    """Replace one linear y = x W^T + b by parts whose outputs are summed: y = sum_i x W_i^T + b_i.
+
+    `weights` are canonical [out, in] parts and `biases` their biases (None: no bias). The
+    adapters emit one linear with the parts' rows concatenated ([k * out, in], so each part
+    keeps its own per-row quantization scales), then unflatten the last axis to [k, out] and
+    sum over k: three ops for any k instead of k linears and k - 1 adds.
+    """
+
+    op: OpRef
+    weights: tuple[torch.Tensor, ...]
+    biases: tuple[torch.Tensor | None, ...]
+    site: str = ""
+
+
+@dataclass(frozen=True)
 class RotateChannels:
     """Contract a constant's `axis` with an orthogonal matrix: t'[.., i, ..] = sum_j t[.., j, ..] Q[j, i].
 
@@ -164,7 +180,9 @@ class ReplaceWithQOp:
     site: str = ""
 
 
-Edit = ScaleChannels | ShiftChannels | RotateChannels | InsertRotation | ReplaceWithQOp | PermuteChannels
+Edit = (
+    ScaleChannels | ShiftChannels | RotateChannels | InsertRotation | ReplaceWithQOp | PermuteChannels | SplitOp
+)
 CONSTANT_EDITS = (
     ScaleChannels,
     ShiftChannels,
@@ -293,6 +311,11 @@ class GraphView(abc.ABC):
     def insert_rotation(self, edit: InsertRotation) -> None:
         """Insert an op computing `value @ matrix` that feeds `consumers` instead of `value`."""
 
+    def split_op(self, edit: SplitOp) -> None:
+        """Replace a linear by summed parts (see `SplitOp`); adapters that can, override this."""
+        msg = f"{self.backend} graphs cannot split op '{edit.op.name}' yet"
+        raise PassError(msg)
+
     @abc.abstractmethod
     def replace_with_qop(self, edit: ReplaceWithQOp) -> None:
         """Lower one linear to its quantized form (the adapter delegates to lowering/)."""
@@ -313,6 +336,8 @@ class GraphView(abc.ABC):
                 self.replace_with_qop(edit)
             elif isinstance(edit, PermuteChannels):
                 self._permute(edit)
+            elif isinstance(edit, SplitOp):
+                self.split_op(edit)
             else:  # pragma: no cover - the edit set is closed
                 msg = f"unknown edit {type(edit).__name__} in plan of {plan.pass_name}"
                 raise TypeError(msg)
