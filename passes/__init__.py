@@ -5,9 +5,11 @@ from __future__ import annotations
 from passes.awq import AWQ, AWQConfig
 from passes.base import PassContext, QPass
 from passes.norm_fusion import FuseNorms, FuseNormsConfig
+from passes.reorder import Reorder, ReorderConfig
 from passes.rotate import Rotate, RotateConfig
 from passes.shift import OSPlusConfig, OutlierSuppressionPlus, OutlierTune, OutlierTuneConfig
 from passes.smooth import SmoothQuant, SmoothQuantConfig
+from passes.split import SplitQuant, SplitQuantConfig
 
 PASSES: dict[str, tuple[type, type[QPass]]] = {
     "smooth_quant": (SmoothQuantConfig, SmoothQuant),
@@ -16,6 +18,8 @@ PASSES: dict[str, tuple[type, type[QPass]]] = {
     "os_plus": (OSPlusConfig, OutlierSuppressionPlus),
     "outlier_tune": (OutlierTuneConfig, OutlierTune),
     "awq": (AWQConfig, AWQ),
+    "reorder": (ReorderConfig, Reorder),
+    "split_quant": (SplitQuantConfig, SplitQuant),
 }
 
 __all__ = [
@@ -30,8 +34,12 @@ __all__ = [
     "OutlierTuneConfig",
     "PassContext",
     "QPass",
+    "Reorder",
+    "ReorderConfig",
     "Rotate",
     "RotateConfig",
     "SmoothQuant",
     "SmoothQuantConfig",
+    "SplitQuant",
+    "SplitQuantConfig",
 ]

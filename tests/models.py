@@ -147,3 +147,31 @@ def bert_inputs(n: int = 4, t: int = 16, dim: int = 64, seed: int = 1) -> dict[s
     mask = torch.ones(n, t)
     mask[0, t // 2 :] = 0  # a padded row: calibration must ignore it
     return {"x": torch.randn(n, t, dim, generator=gen), "mask": mask}
+
+
+def spread_channel_outliers(model: nn.Module, factor: float = 20.0, count: int = 4) -> nn.Module:
+    """Outlier channels spread over many blocks of the activations a block format quantizes:
+    `count` positions per head of V and K (Q divided by the same factor, so Q K^T keeps its
+    values, as in LLMs with massive K channels) and of the MLP's inner activation.
+    """
+
+    def spread(width: int) -> list[int]:
+        return [(2 * i + 1) * width // (2 * count) for i in range(count)]
+
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, Attention):
+                rows = [h * mod.head_dim + p for h in range(mod.kv_heads) for p in spread(mod.head_dim)]
+                qrows = [h * mod.head_dim + p for h in range(mod.heads) for p in spread(mod.head_dim)]
+                scaled = ((mod.v_proj, rows, factor), (mod.k_proj, rows, factor), (mod.q_proj, qrows, 1 / factor))
+                for lin, rs, f in scaled:
+                    lin.weight[rs] *= f
+                    if lin.bias is not None:
+                        lin.bias[rs] *= f
+            inner = getattr(mod, "up_proj", None) or getattr(mod, "fc1", None) or getattr(mod, "fc_in", None)
+            if isinstance(inner, nn.Linear) and not isinstance(mod, Attention):
+                rs = spread(inner.out_features)
+                inner.weight[rs] *= factor
+                if inner.bias is not None:
+                    inner.bias[rs] *= factor
+    return model.eval()

@@ -121,3 +121,52 @@ def test_add_bias_creates_then_shifts_a_bias(case, backend, onnx_dir):
         back = view.run(batch)[0]
         assert torch.allclose(back, ref, atol=1e-5, rtol=1e-5)
     assert changed >= min(2, len(bare[:3] + biased[:1]))
+
+
+def test_permute_edit_then_read_back_and_restore(llama_case, backend, onnx_dir):
+    """PermuteChannels reorders a constant along one axis on both graph kinds; an invalid
+    permutation is refused by name; folded into producer rows and consumer columns it is exact.
+    """
+    from qpass.errors import PassError
+    from qpass.graph.view import CONSTANT_EDITS, PermuteChannels
+
+    assert PermuteChannels in CONSTANT_EDITS
+    view = llama_case.view(backend, onnx_dir)
+    op = next(iter(iter_linear_ops(view)))
+    ref = view.weight(op)
+    before = view.read(ref.const)
+    perm = torch.randperm(ref.in_features, generator=torch.Generator().manual_seed(0))
+    assert view.apply(EditPlan("test", [PermuteChannels(ref.const, ref.in_axis, perm)]))
+    torch.testing.assert_close(view.read(ref.const), before.index_select(ref.in_axis, perm))
+    with pytest.raises(PassError, match=ref.const.name):
+        view.apply(EditPlan("test", [PermuteChannels(ref.const, ref.in_axis, torch.zeros_like(perm))]))
+
+
+def test_split_op_sums_parts(bert_case, backend, onnx_dir):
+    """SplitOp: a linear (with bias) becomes one linear over the concatenated parts, an
+    unflatten and a sum, on both graph kinds; the function is unchanged when the parts sum to W.
+    """
+    from qpass.graph.view import SplitOp
+
+    view = bert_case.view(backend, onnx_dir)
+    batch = bert_case.batches_for(backend)[0]
+    before = view.run(batch)
+    op = next(o for o in iter_linear_ops(view) if view.weight(o).bias is not None)
+    ref = view.weight(op)
+    w = canonical_weight(view.read(ref.const), ref)
+    b = view.read(ref.bias)
+    big = w.abs() > w.abs().median()
+    parts = (torch.where(big, w, 0.0), torch.where(big, 0.0, w))
+    n_linear, n_ops = len(list(iter_linear_ops(view))), len(list(view.ops()))
+
+    def doubled() -> int:
+        shapes = [(view.weight(o).out_features, view.weight(o).in_features) for o in iter_linear_ops(view)]
+        return shapes.count((2 * ref.out_features, ref.in_features))
+
+    n_doubled = doubled()
+    assert view.apply(EditPlan("test", [SplitOp(op, parts, (b, None))]))
+    assert len(list(iter_linear_ops(view))) == n_linear
+    assert doubled() == n_doubled + 1
+    added = len(list(view.ops())) - n_ops
+    assert added == 2  # unflatten/reshape and sum (onnx: MatMul + Add replaced by MatMul + Add)
+    torch.testing.assert_close(view.run(batch)[0], before[0], rtol=1e-4, atol=1e-4)

@@ -26,6 +26,7 @@ from qpass.graph.view import (
     OpKind,
     OpRef,
     ReplaceWithQOp,
+    SplitOp,
     ValueRef,
     WeightRef,
 )
@@ -363,6 +364,34 @@ class FxGraphView(GraphView):
         self.dirty = True
         self.invalidate()
         return ConstRef(name, (ref.out_features,))
+
+    def split_op(self, edit: SplitOp) -> None:
+        """linear(x, cat(W_i), cat(b_i)) -> unflatten(-1, [k, out]) -> sum(-2), replacing the linear."""
+        graph, node = self.gm.graph, self._nodes[edit.op.name]
+        k, out = len(edit.weights), edit.weights[0].shape[0]
+        old = [a for a in node.args[1:] if self._is_const(a)]
+        dtype = _attr(self.gm, str(old[0].target)).dtype
+        i = 0
+        while hasattr(self.gm, f"_qpass_split_{i}_weight"):
+            i += 1
+        self.gm.register_buffer(f"_qpass_split_{i}_weight", torch.cat(edit.weights).to(dtype).contiguous())
+        has_bias = any(b is not None for b in edit.biases)
+        if has_bias:
+            biases = [torch.zeros(out) if b is None else b for b in edit.biases]
+            self.gm.register_buffer(f"_qpass_split_{i}_bias", torch.cat(biases).to(dtype).contiguous())
+        with graph.inserting_before(node):
+            w = graph.get_attr(f"_qpass_split_{i}_weight")
+            b = graph.get_attr(f"_qpass_split_{i}_bias") if has_bias else None
+            lin = graph.call_function(torch.ops.aten.linear.default, (node.args[0], w, b))
+            parts = graph.call_function(torch.ops.aten.unflatten.int, (lin, -1, [k, out]))
+            total = graph.call_function(torch.ops.aten.sum.dim_IntList, (parts, [-2]))
+        total.meta = dict(node.meta)
+        node.replace_all_uses_with(total)
+        graph.erase_node(node)
+        for attr in old:
+            if not attr.users:
+                graph.erase_node(attr)
+        self.dirty = True
 
     def replace_with_qop(self, edit: ReplaceWithQOp) -> None:
         from lowering.torch_backend import lower_linear_fx

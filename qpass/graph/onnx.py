@@ -18,7 +18,7 @@ import onnx_ir as ir
 import torch
 
 from qpass import io as qio
-from qpass.errors import CalibrationError, ModelLoadError, UnsupportedOpError
+from qpass.errors import CalibrationError, ModelLoadError, PassError, UnsupportedOpError
 from qpass.graph.optable import onnx_kind
 from qpass.graph.view import (
     ALL_KINDS,
@@ -29,6 +29,7 @@ from qpass.graph.view import (
     OpKind,
     OpRef,
     ReplaceWithQOp,
+    SplitOp,
     ValueRef,
     WeightRef,
 )
@@ -456,6 +457,61 @@ class OnnxGraphView(GraphView):
             new_out.name, out.name = out.name, new_out.name
         self.invalidate()
         return self._const(b)
+
+    def split_op(self, edit: SplitOp) -> None:
+        """MatMul(x, cat(W_i)^T) [+ Add cat(b_i)] -> Reshape [..., k, out] -> ReduceSum(axis -2).
+
+        Replaces the linear together with its bias (a following Add for MatMul).
+        """
+        node = self._nodes[edit.op.name]
+        x = node.inputs[0]
+        rank = len(x.shape) if x.shape is not None else None
+        if rank is None:
+            msg = f"node '{node.name}': split needs the rank of its input '{x.name}'"
+            raise PassError(msg)
+        ref = self.weight(edit.op)
+        tail = node
+        if node.op_type == "MatMul" and ref is not None and ref.bias is not None:
+            tail = node.outputs[0].uses()[0].node  # the Add of the bias
+        k, out = len(edit.weights), edit.weights[0].shape[0]
+        dtype = x.dtype.numpy() if x.dtype is not None else np.float32
+        w = self.add_initializer(f"{node.name}_split_weight", torch.cat(edit.weights).T.numpy().astype(dtype))
+        new_nodes = [ir.node("MatMul", [x, w], name=self.fresh_name(f"{node.name}_split"))]
+        y = new_nodes[-1].outputs[0]
+        if any(b is not None for b in edit.biases):
+            bias = torch.cat([torch.zeros(out) if b is None else b for b in edit.biases])
+            b = self.add_initializer(f"{node.name}_split_bias", bias.numpy().astype(dtype))
+            new_nodes.append(ir.node("Add", [y, b], name=self.fresh_name(f"{node.name}_split_bias_add")))
+        shape = self.add_initializer(
+            f"{node.name}_split_shape", np.array([0] * (rank - 1) + [k, out], dtype=np.int64)
+        )
+        new_nodes.append(
+            ir.node("Reshape", [new_nodes[-1].outputs[0], shape], name=self.fresh_name(f"{node.name}_parts"))
+        )
+        axes = self.add_initializer(f"{node.name}_split_axes", np.array([-2], dtype=np.int64))
+        new_nodes.append(
+            ir.node(
+                "ReduceSum",
+                [new_nodes[-1].outputs[0], axes],
+                {"keepdims": 0},
+                name=self.fresh_name(f"{node.name}_sum"),
+            )
+        )
+        for n in new_nodes:
+            for o in n.outputs:
+                o.name = self.fresh_name(f"{n.name}_out")
+        final, old_out = new_nodes[-1].outputs[0], tail.outputs[0]
+        final.shape, final.type = old_out.shape, old_out.type
+        self.graph.insert_before(node, new_nodes)
+        was_output = old_out.is_graph_output()
+        old_out.replace_all_uses_with(final, replace_graph_outputs=True)
+        if was_output:
+            final.name, old_out.name = old_out.name, self.fresh_name(f"{old_out.name}_unsplit")
+        old_consts = [v for v in (*node.inputs[1:], *tail.inputs[1:]) if self._is_const(v)]
+        self.graph.remove([tail, node] if tail is not node else [node], safe=True)
+        for v in old_consts:
+            if not v.uses() and v.name in self.graph.initializers:
+                self.graph.initializers.pop(v.name)
 
     def replace_with_qop(self, edit: ReplaceWithQOp) -> None:
         from lowering.onnxruntime import lower_linear_onnx

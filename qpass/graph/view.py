@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from qpass.errors import PassError
+
 
 class OpKind(enum.Enum):
     """What an op is, as far as the passes care."""
@@ -113,6 +115,36 @@ class ShiftChannels:
 
 
 @dataclass(frozen=True)
+class PermuteChannels:
+    """Reorder a constant along `axis`: t'[.., i, ..] = t[.., perm[i], ..].
+
+    Applied to a producer's output axis and to every consumer's input axis with the same
+    `perm`, the activation between them is stored reordered and the function is unchanged.
+    """
+
+    const: ConstRef
+    axis: int
+    perm: torch.Tensor
+    site: str = ""
+
+
+@dataclass(frozen=True)
+class SplitOp:
+    """Replace one linear y = x W^T + b by parts whose outputs are summed: y = sum_i x W_i^T + b_i.
+
+    `weights` are canonical [out, in] parts and `biases` their biases (None: no bias). The
+    adapters emit one linear with the parts' rows concatenated ([k * out, in], so each part
+    keeps its own per-row quantization scales), then unflatten the last axis to [k, out] and
+    sum over k: three ops for any k instead of k linears and k - 1 adds.
+    """
+
+    op: OpRef
+    weights: tuple[torch.Tensor, ...]
+    biases: tuple[torch.Tensor | None, ...]
+    site: str = ""
+
+
+@dataclass(frozen=True)
 class RotateChannels:
     """Contract a constant's `axis` with an orthogonal matrix: t'[.., i, ..] = sum_j t[.., j, ..] Q[j, i].
 
@@ -161,8 +193,37 @@ class ReplaceWithQOp:
     site: str = ""
 
 
-Edit = ScaleChannels | ShiftChannels | RotateChannels | AddBias | InsertRotation | ReplaceWithQOp
-CONSTANT_EDITS = (ScaleChannels, ShiftChannels, RotateChannels)  # undone by restoring the constants
+Edit = (
+    ScaleChannels
+    | ShiftChannels
+    | RotateChannels
+    | PermuteChannels
+    | AddBias
+    | InsertRotation
+    | SplitOp
+    | ReplaceWithQOp
+)
+CONSTANT_EDITS = (
+    ScaleChannels,
+    ShiftChannels,
+    RotateChannels,
+    PermuteChannels,
+)  # undone by restoring the constants
+Edit = (
+    ScaleChannels
+    | ShiftChannels
+    | RotateChannels
+    | InsertRotation
+    | ReplaceWithQOp
+    | PermuteChannels
+    | SplitOp
+)
+CONSTANT_EDITS = (
+    ScaleChannels,
+    ShiftChannels,
+    RotateChannels,
+    PermuteChannels,
+)  # undone by restoring the constants
 
 
 @dataclass
@@ -285,6 +346,11 @@ class GraphView(abc.ABC):
     def insert_rotation(self, edit: InsertRotation) -> None:
         """Insert an op computing `value @ matrix` that feeds `consumers` instead of `value`."""
 
+    def split_op(self, edit: SplitOp) -> None:
+        """Replace a linear by summed parts (see `SplitOp`); adapters that can, override this."""
+        msg = f"{self.backend} graphs cannot split op '{edit.op.name}' yet"
+        raise PassError(msg)
+
     @abc.abstractmethod
     def create_bias(self, op: OpRef) -> ConstRef:
         """Give a bias-free linear a zero bias constant (same dtype as its weight); return it."""
@@ -309,6 +375,10 @@ class GraphView(abc.ABC):
                 self.insert_rotation(edit)
             elif isinstance(edit, ReplaceWithQOp):
                 self.replace_with_qop(edit)
+            elif isinstance(edit, PermuteChannels):
+                self._permute(edit)
+            elif isinstance(edit, SplitOp):
+                self.split_op(edit)
             else:  # pragma: no cover - the edit set is closed
                 msg = f"unknown edit {type(edit).__name__} in plan of {plan.pass_name}"
                 raise TypeError(msg)
@@ -336,6 +406,16 @@ class GraphView(abc.ABC):
         axis = edit.axis % tensor.dim()
         moved = tensor.to(torch.float64).movedim(axis, -1) @ edit.matrix.to(torch.float64)
         self.write(edit.const, moved.movedim(-1, axis).to(tensor.dtype))
+
+    def _permute(self, edit: PermuteChannels) -> None:
+        tensor = self.read(edit.const)
+        axis = edit.axis % tensor.dim()
+        perm = edit.perm.to(torch.long)
+        if sorted(perm.tolist()) != list(range(tensor.shape[axis])):
+            width = tensor.shape[axis]
+            msg = f"PermuteChannels on constant '{edit.const.name}' axis {axis}: not a permutation of {width}"
+            raise PassError(msg)
+        self.write(edit.const, tensor.index_select(axis, perm))
 
     def invalidate(self) -> None:  # noqa: B027 - optional hook, most adapters keep no cache
         """Drop caches after the graph changed."""
