@@ -71,6 +71,8 @@ def quantize_with_report(
     else:
         batches = torch_batches(calibration)
         view = open_view(model, example_inputs if example_inputs is not None else batches[0])
+    if isinstance(view, OnnxGraphView):
+        view.lowering = recipe.lowering  # read by lowering/onnxruntime.py and insert_rotation
     ctx = PassContext(recipe.weights, recipe.activations, progress)
     report = run_passes(
         view, [s.build() for s in recipe.passes], batches, ctx, verify=verify, tolerance=tolerance
