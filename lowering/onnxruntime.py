@@ -55,7 +55,7 @@ def lower_linear_onnx(view, op: OpRef, q: QLinear, config: OnnxLoweringConfig | 
     integer_ok = q.per_channel and q.zero_points is None and q.g_idx is None
     if config.weight_op is WeightOp.AUTO and integer_ok and dynamic:
         _lower_dynamic_integer(view, node, op, q)
-    elif config.weight_op is WeightOp.AUTO and integer_ok and q.bits == 8:
+    elif config.weight_op is WeightOp.AUTO and integer_ok and q.bits == 8 and q.act is not None:
         _lower_qdq(view, node, q)
     elif config.weight_op is WeightOp.DEQUANTIZE_LINEAR:
         _lower_blocked_dq(view, node, op, q)

@@ -84,6 +84,9 @@ def quantize_with_report(
         view.apply(plan)
         report.results.append(PassResult("quantize", plan))
     if isinstance(view, OnnxGraphView):
+        from lowering.onnx_finalize import finalize_onnx
+
+        finalize_onnx(view.model, recipe.lowering)
         out: Any = view.to_proto()
     else:
         out = view.gm
