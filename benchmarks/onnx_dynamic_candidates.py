@@ -3,11 +3,10 @@
 One linear [rows, K] @ [K, N] at MiniLM's shapes (384 -> 1536 and 1536 -> 384), rows = 128
 (batch 1 x 128 tokens) and 4096 (32 x 128), CPU provider, 2 threads, median of interleaved runs:
 
-- ``qpass per-token int8``: what `lowering/onnxruntime.py` emits (via `qpass.quantize`): per-row
-  absmax -> scale -> Round -> Cast int8, MatMulInteger int8 x int8, Cast, Mul row scale, Mul
-  channel scale. Faithful to the recipe (per token).
-- ``per-token uint8+128``: the same with the codes shifted to uint8 and a_zero_point 128 (the
-  u8s8 kernel path). Faithful.
+- ``qpass per-token (uint8+128)``: what `lowering/onnxruntime.py` emits (via `qpass.quantize`):
+  per-row absmax -> scale -> Round -> +128 -> Cast uint8, MatMulInteger u8 x s8 (a_zero_point
+  128), Cast, Mul row scale, Mul channel scale. Faithful to the recipe (per token).
+- ``per-token int8 x int8``: the same with int8 codes and no zero point. Faithful.
 - ``DynamicQuantizeLinear + MatMulInteger``: ONNX's own dynamic op: per TENSOR, asymmetric uint8
   (not the recipe's semantics: one outlier token coarsens every token).
 - ``com.microsoft DynamicQuantizeMatMul``: the fused contrib op, also per tensor.
@@ -65,6 +64,19 @@ def candidates(w: np.ndarray, calib: np.ndarray) -> dict[str, bytes]:
         numpy_helper.from_array(np.array(128, np.uint8), "zp"),
         numpy_helper.from_array(np.array(1e-30, np.float32), "tiny"),
     ]
+    s8 = [
+        helper.make_node("Abs", ["x"], ["a"]),
+        helper.make_node("ReduceMax", ["a", "axes"], ["m"], keepdims=1),
+        helper.make_node("Div", ["m", "qmax"], ["s0"]),
+        helper.make_node("Max", ["s0", "tiny"], ["s"]),
+        helper.make_node("Div", ["x", "s"], ["d"]),
+        helper.make_node("Round", ["d"], ["r"]),
+        helper.make_node("Cast", ["r"], ["q"], to=TensorProto.INT8),
+        helper.make_node("MatMulInteger", ["q", "Wq"], ["acc"]),
+        helper.make_node("Cast", ["acc"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["f", "s"], ["g"]),
+        helper.make_node("Mul", ["g", "ws"], ["y"]),
+    ]
     u8 = [
         helper.make_node("Abs", ["x"], ["a"]),
         helper.make_node("ReduceMax", ["a", "axes"], ["m"], keepdims=1),
@@ -89,8 +101,9 @@ def candidates(w: np.ndarray, calib: np.ndarray) -> dict[str, bytes]:
     dqmm = [helper.make_node("DynamicQuantizeMatMul", ["x", "Wq", "ws"], ["y"], domain="com.microsoft")]
     return {
         "FP32 MatMul": fp,
-        "qpass per-token int8": ours,
-        "per-token uint8+128": _model(u8, i + c, k, n),
+        "qpass per-token (uint8+128)": ours,
+        "hand-built per-token uint8+128": _model(u8, i + c, k, n),
+        "per-token int8 x int8": _model(s8, i + c, k, n),
         "DynamicQuantizeLinear + MatMulInteger (per tensor)": _model(dql, i, k, n),
         "com.microsoft DynamicQuantizeMatMul (per tensor)": _model(dqmm, i, k, n, domain=True),
     }

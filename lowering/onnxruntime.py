@@ -6,9 +6,11 @@ Which form a `QLinear` takes (the recipe's `lowering:` options, `OnnxLoweringCon
   shared by all the linears reading it.
 - symmetric per-channel weights (any width <= 8 stored as int8), dynamic activations (per token or
   per tensor, symmetric): the activation is quantized in the graph (absmax -> scale -> Round ->
-  Cast int8), multiplied by MatMulInteger (int8 x int8 -> int32), and rescaled by the row scale
-  times the channel scale. Exactly the torch reference (`fake_quant_act` x dequantized weight);
-  measured against DynamicQuantizeMatMul in `benchmarks/onnx_dynamic_candidates.py`.
+  +128 -> Cast uint8), multiplied by MatMulInteger (u8 x s8 -> int32, a_zero_point 128), and
+  rescaled by the row scale times the channel scale. Exactly the torch reference (`fake_quant_act`
+  x dequantized weight). Measured against int8 x int8, DynamicQuantizeLinear (per tensor) and
+  DynamicQuantizeMatMul in `benchmarks/onnx_dynamic_candidates.py`: per tensor is ~2x faster
+  but 2-4x less accurate (one outlier token coarsens all), so not the recipe's semantics.
 - everything else with integer weights (INT4/INT8, groups, zero points, GPTQ act-order `g_idx`):
   com.microsoft MatMulNBits, or (`weight_op: dequantize_linear`) the opset-21 blocked
   DequantizeLinear + MatMul; activations, if quantized, are fake-quantized in float before it.
@@ -138,14 +140,13 @@ def _dynamic_codes(view, x: ir.Value, q: QLinear) -> tuple[ir.Value, ir.Value, l
     amax = _reduce_max(view, absx.outputs[0], f"{base}_amax", per_token)
     qmax_c = _const(view, f"{base}_qmax", np.asarray(qmax, np.float32))
     scale = _new_node(view, "Div", [amax.outputs[0], qmax_c], f"{base}_scale0")
-    zero = _const(view, f"{base}_zero", np.asarray(0.0, np.float32))
-    one = _const(view, f"{base}_one", np.asarray(1.0, np.float32))
-    is_zero = _new_node(view, "Equal", [scale.outputs[0], zero], f"{base}_is_zero")
-    safe = _new_node(view, "Where", [is_zero.outputs[0], one, scale.outputs[0]], f"{base}_scale")
+    # all-zero rows: any positive scale gives codes 0 and output 0, as the reference's scale 1 does
+    tiny = _const(view, f"{base}_tiny", np.asarray(np.finfo(np.float32).tiny, np.float32))
+    safe = _new_node(view, "Max", [scale.outputs[0], tiny], f"{base}_scale")
     div = _new_node(view, "Div", [x, safe.outputs[0]], f"{base}_div")
     rnd = _new_node(view, "Round", [div.outputs[0]], f"{base}_round")
     # |x / s| <= qmax up to one ulp, which Round cannot push past qmax: no Clip needed
-    nodes = [absx, amax, scale, is_zero, safe, div, rnd]
+    nodes = [absx, amax, scale, safe, div, rnd]
     return rnd.outputs[0], safe.outputs[0], nodes
 
 
@@ -216,23 +217,28 @@ def _lower_qdq(view, node: ir.Node, q: QLinear) -> None:
 def _lower_dynamic_integer(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
     """Dynamic symmetric activations x symmetric per-channel weights on MatMulInteger.
 
-    y = (MatMulInteger(codes(x), W_codes) as float) * s_x[row] * s_w[channel]; exact in int32
-    for K < 2^17 at 8 bits.
+    y = (MatMulInteger(codes(x) + 128 as uint8, W_codes int8, a_zero_point 128) as float)
+    * s_x[row] * s_w[channel]; exact in int32. The codes are shifted to uint8 because ORT's
+    MatMulInteger runs u8 x s8 on MLAS but int8 x int8 on a path 8-40x slower here
+    (benchmarks/results/onnx_dynamic_candidates.md).
     """
     x = node.inputs[0]
-    key = (x.name, "int8", q.act)
+    key = (x.name, "uint8", q.act)
     cache = view.lowered_inputs
     if key not in cache:
         codes, scale, nodes = _dynamic_codes(view, x, q)
-        cast = _new_node(view, "Cast", [codes], f"{x.name}_codes", to=ir.DataType.INT8)
-        nodes.append(cast)
+        shift = _const(view, f"{x.name}_offset", np.asarray(128.0, np.float32))
+        shifted = _new_node(view, "Add", [codes, shift], f"{x.name}_shift")
+        cast = _new_node(view, "Cast", [shifted.outputs[0]], f"{x.name}_codes", to=ir.DataType.UINT8)
+        nodes += [shifted, cast]
         _insert_for_input(view, x, nodes)
-        cache[key] = (cast.outputs[0], scale)
-    xq, xs = cache[key]
+        zp = _const(view, f"{x.name}_zero_point", np.asarray(128, np.uint8))
+        cache[key] = (cast.outputs[0], scale, zp)
+    xq, xs, xzp = cache[key]
     w_name = node.inputs[1].name
     wq = _const(view, f"{w_name}_quantized", q.codes.numpy().astype(np.int8).T)  # [K, N]
     ws = _const(view, f"{w_name}_scale", q.scales.reshape(-1).numpy().astype(np.float32))
-    mm = _new_node(view, "MatMulInteger", [xq, wq], f"{op.name}_int")
+    mm = _new_node(view, "MatMulInteger", [xq, wq, xzp], f"{op.name}_int")
     cast = _new_node(view, "Cast", [mm.outputs[0]], f"{op.name}_acc", to=ir.DataType.FLOAT)
     by_row = _new_node(view, "Mul", [cast.outputs[0], xs], f"{op.name}_row_scale")
     by_col = _new_node(view, "Mul", [by_row.outputs[0], ws], f"{op.name}_col_scale")
