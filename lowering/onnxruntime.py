@@ -18,10 +18,13 @@ Which form a `QLinear` takes (the recipe's `lowering:` options, `OnnxLoweringCon
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
+import torch
 
-from lowering.weight_packing import PackedNBits, blocked_dq_arrays, matmulnbits_arrays
+from lowering.weight_packing import PackedNBits, act_order_permutation, blocked_dq_arrays, matmulnbits_arrays
 from qpass.errors import UnsupportedOpError
 from qpass.graph.view import OpRef
 from qpass.qconfig import ActGranularity, OnnxLoweringConfig, WeightOp, format_bits
@@ -62,7 +65,7 @@ def lower_linear_onnx(view, op: OpRef, q: QLinear, config: OnnxLoweringConfig | 
     elif config.weight_op is WeightOp.DEQUANTIZE_LINEAR:
         _lower_blocked_dq(view, node, op, q)
     else:
-        _lower_matmulnbits(view, node, op, q, config.accuracy_level)
+        _lower_matmulnbits(view, node, op, q, config)
 
 
 def _check_gemm(node: ir.Node, op: OpRef) -> None:
@@ -245,8 +248,17 @@ def _lower_dynamic_integer(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
     _replace_linear(view, node, [mm, cast, by_row, by_col])
 
 
-def _lower_matmulnbits(view, node: ir.Node, op: OpRef, q: QLinear, accuracy_level: int) -> None:
-    """com.microsoft MatMulNBits: y = A @ dequant(B)^T with B [N, K] in blocks along K."""
+def _lower_matmulnbits(view, node: ir.Node, op: OpRef, q: QLinear, config: OnnxLoweringConfig) -> None:
+    """com.microsoft MatMulNBits: y = A @ dequant(B)^T with B [N, K] in blocks along K.
+
+    GPTQ act-order: unless `lowering.g_idx`, the input channels are permuted so that groups are
+    contiguous (the weight offline, the activation by a Gather shared by the linears reading it):
+    ORT's kernel with a g_idx input runs ~2x slower at batch 1 on MiniLM
+    (benchmarks/results/onnxruntime_vs_peers.md, first run).
+    """
+    order = None if config.g_idx else act_order_permutation(q)
+    if order is not None:
+        q = dataclasses.replace(q, codes=q.codes[:, torch.from_numpy(order)], g_idx=None)
     try:
         packed: PackedNBits = matmulnbits_arrays(q)
     except ValueError as exc:
@@ -255,6 +267,8 @@ def _lower_matmulnbits(view, node: ir.Node, op: OpRef, q: QLinear, accuracy_leve
     model: ir.Model = view.model
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     a = _act_float(view, node, q) if q.act is not None else node.inputs[0]
+    if order is not None:
+        a = _permuted(view, a, order)
     w_name = node.inputs[1].name
     inputs = [
         a,
@@ -275,9 +289,21 @@ def _lower_matmulnbits(view, node: ir.Node, op: OpRef, q: QLinear, accuracy_leve
         N=packed.n,
         bits=packed.bits,
         block_size=packed.block_size,
-        accuracy_level=accuracy_level,
+        accuracy_level=config.accuracy_level,
     )
     _replace_linear(view, node, [mnb])
+
+
+def _permuted(view, a: ir.Value, order: np.ndarray) -> ir.Value:
+    """a[..., order], one Gather per (activation, permutation) shared by the linears reading it."""
+    key = (a.name, "gather", order.tobytes())
+    cache = view.lowered_inputs
+    if key not in cache:
+        idx = _const(view, f"{a.name}_act_order", order.astype(np.int64))
+        gather = _new_node(view, "Gather", [a, idx], f"{a.name}_act_order", axis=-1)
+        _insert_for_input(view, a, [gather])
+        cache[key] = gather.outputs[0]
+    return cache[key]
 
 
 def _lower_blocked_dq(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
@@ -304,10 +330,7 @@ def _lower_blocked_dq(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
     nodes: list[ir.Node] = []
     a = _act_float(view, node, q) if q.act is not None else node.inputs[0]
     if arrays.order is not None:
-        idx = _const(view, f"{w_name}_act_order", arrays.order)
-        gather = _new_node(view, "Gather", [a, idx], f"{op.name}_act_order", axis=-1)
-        nodes.append(gather)
-        a = gather.outputs[0]
+        a = _permuted(view, a, arrays.order)
     dq_inputs = [
         _const(view, f"{w_name}_quantized", arrays.codes),
         _const(view, f"{w_name}_scale", arrays.scales),

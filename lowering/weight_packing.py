@@ -128,6 +128,16 @@ def matmulnbits_arrays(q: QLinear) -> PackedNBits:
     )
 
 
+def act_order_permutation(q: QLinear) -> np.ndarray | None:
+    """The permutation making `q`'s act-order groups contiguous, or None (no g_idx, or groups of
+    unequal size: then only MatMulNBits' g_idx input can express them).
+    """
+    try:
+        return _act_order(q)
+    except ValueError:
+        return None
+
+
 def _act_order(q: QLinear) -> np.ndarray | None:
     """The input-channel permutation that makes act-order groups contiguous (None: already)."""
     if q.g_idx is None:

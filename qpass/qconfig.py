@@ -93,6 +93,7 @@ class OnnxLoweringConfig:
     weight_op: WeightOp = WeightOp.AUTO
     accuracy_level: int = 0  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute of A
     rotation_op: RotationOp = RotationOp.AUTO
+    g_idx: bool = False  # act-order as MatMulNBits g_idx (else: permute the input, faster kernel)
     optimize: bool = True  # constant folding and dead-node removal after lowering
 
     def __post_init__(self) -> None:

@@ -121,16 +121,20 @@ def test_matmulnbits_equals_dequantized_weight(wcfg, k):
     )
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_matmulnbits_act_order_g_idx(symmetric):
+@pytest.mark.parametrize("g_idx", [True, False], ids=["g_idx-input", "permuted-input"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_matmulnbits_act_order(symmetric, g_idx):
     k = 256
     model, b = linear_model(k)
     x = inputs(k)
     wcfg = {"format": "int4", "group": 32, "symmetric": symmetric, "algo": "gptq", "act_order": True}
-    out_model, q = quantize(model, {"weights": wcfg}, x)
+    out_model, q = quantize(model, {"weights": wcfg, "lowering": {"g_idx": g_idx}}, x)
     assert q.g_idx is not None and not torch.equal(q.g_idx, torch.arange(k) // 32)
-    node = out_model.graph.node[0]
-    assert node.op_type == "MatMulNBits" and len(node.input) == 5 and node.input[4]  # g_idx given
+    node = next(n for n in out_model.graph.node if n.op_type == "MatMulNBits")
+    if g_idx:  # ORT's g_idx input (asymmetric: float zero points, see weight_packing)
+        assert op_types(out_model) == ["MatMulNBits", "Add"] and len(node.input) == 5 and node.input[4]
+    else:  # input channels permuted by one Gather, groups contiguous, no g_idx
+        assert op_types(out_model) == ["Gather", "MatMulNBits", "Add"] and len(node.input) <= 4
     ref = x @ q.dequantized_weight().numpy().T + b
     assert rel_max(run(out_model, x), ref) < 1e-5
 
