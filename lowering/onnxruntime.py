@@ -1,94 +1,350 @@
-"""ONNX Runtime lowering: quantized linears become QuantizeLinear/DequantizeLinear (QDQ) that
-stock onnxruntime fuses into its integer kernels.
+"""ONNX Runtime lowering: each quantized linear becomes the ops stock onnxruntime runs fast.
 
-Weights are stored as INT8 initializers with per-output-channel scales (DequantizeLinear
-with `axis`); a linear input gets one Q/DQ pair shared by all linears reading it.
+Which form a `QLinear` takes (the recipe's `lowering:` options, `OnnxLoweringConfig`):
+- INT8 symmetric per-channel weights, static per-tensor activations: QuantizeLinear /
+  DequantizeLinear (QDQ) that ORT fuses into its integer kernels; one Q/DQ pair per activation,
+  shared by all the linears reading it.
+- symmetric per-channel weights (any width <= 8 stored as int8), dynamic activations (per token or
+  per tensor, symmetric): the activation is quantized in the graph (absmax -> scale -> Round ->
+  +128 -> Cast uint8), multiplied by MatMulInteger (u8 x s8 -> int32, a_zero_point 128), and
+  rescaled by the row scale times the channel scale. Exactly the torch reference (`fake_quant_act`
+  x dequantized weight). Measured against int8 x int8, DynamicQuantizeLinear (per tensor) and
+  DynamicQuantizeMatMul in `benchmarks/onnx_dynamic_candidates.py`: per tensor is ~2x faster
+  but 2-4x less accurate (one outlier token coarsens all), so not the recipe's semantics.
+- everything else with integer weights (INT4/INT8, groups, zero points, GPTQ act-order `g_idx`):
+  com.microsoft MatMulNBits, or (`weight_op: dequantize_linear`) the opset-21 blocked
+  DequantizeLinear + MatMul; activations, if quantized, are fake-quantized in float before it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
+import torch
 
+from lowering.weight_packing import PackedNBits, act_order_permutation, blocked_dq_arrays, matmulnbits_arrays
 from qpass.errors import UnsupportedOpError
 from qpass.graph.view import OpRef
+from qpass.qconfig import ActGranularity, OnnxLoweringConfig, WeightOp, format_bits, is_block_format
 from qpass.qlinear import QLinear
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
+BLOCKED_DQ_OPSET = 21  # DequantizeLinear with block_size, int4 types
+MS_DOMAIN = "com.microsoft"
 
 
 def _opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
 
 
-def lower_linear_onnx(view, op: OpRef, q: QLinear) -> None:
-    """Insert DQ on the weight and Q/DQ on the activation input of one MatMul/Gemm."""
+def lower_linear_onnx(view, op: OpRef, q: QLinear, config: OnnxLoweringConfig | None = None) -> None:
+    """Replace one MatMul/Gemm by the lowered form of `q` (see the module docstring)."""
+    config = config or getattr(view, "lowering", None) or OnnxLoweringConfig()
     model: ir.Model = view.model
-    graph = model.graph
     if _opset(model) < MIN_OPSET:
-        msg = f"node '{op.name}': QDQ lowering needs opset >= {MIN_OPSET}, model has {_opset(model)}"
+        msg = f"node '{op.name}': ONNX lowering needs opset >= {MIN_OPSET}, model has {_opset(model)}"
         raise UnsupportedOpError(msg)
     node = view.node(op)
     if q.codes is not None and not q.integer_weight:
         msg = f"node '{op.name}': {q.spec.element.value} block weights are not lowered to ONNX yet (torch target)"
         raise UnsupportedOpError(msg)
-    if q.codes is not None and (
-        q.bits != 8 or not q.per_channel or q.zero_points is not None or q.g_idx is not None
-    ):
-        msg = (
-            f"node '{op.name}': int{q.bits} {'grouped ' if not q.per_channel else ''}weights are not lowered to "
-            "ONNX yet (QDQ takes symmetric int8 per channel); use the torch target"
-        )
+    if q.act is not None and is_block_format(q.act.format):
+        msg = f"node '{op.name}': {q.act.format} activations are not lowered to ONNX yet (torch target)"
         raise UnsupportedOpError(msg)
-    if q.act is not None and q.act.format != "int8":
-        msg = f"node '{op.name}': {q.act.format} activations are not lowered to ONNX yet (QDQ takes int8)"
-        raise UnsupportedOpError(msg)
-    fresh = view.fresh_name
-    if q.codes is not None:
-        w_value = node.inputs[1]
-        codes = q.codes.numpy()
-        if q.weight.out_axis == 1:
-            codes = codes.T  # stored [in, out]
-        codes = np.ascontiguousarray(codes.astype(np.int8))
-        qw = view.add_initializer(f"{w_value.name}_quantized", codes)
-        scale = view.add_initializer(f"{w_value.name}_scale", q.scales.reshape(-1).numpy().astype(np.float32))
-        zp = view.add_initializer(
-            f"{w_value.name}_zero_point", np.zeros(codes.shape[q.weight.out_axis], np.int8)
-        )
-        dq = ir.node(
-            "DequantizeLinear",
-            [qw, scale, zp],
-            attributes={"axis": q.weight.out_axis},
-            name=fresh(f"{op.name}_weight_dq"),
-        )
-        dq.outputs[0].name = fresh(f"{w_value.name}_dequantized")
-        graph.insert_before(node, dq)
-        node.replace_input_with(1, dq.outputs[0])
-        if not w_value.uses() and w_value.is_initializer():
-            graph.initializers.pop(w_value.name)
-    if q.act is not None:
-        if q.act_qparams is None:
-            msg = (
-                f"node '{op.name}': dynamic activation quantization is not lowered to ONNX yet; "
-                "use activations.dynamic: false (per_tensor static)"
-            )
+    _check_gemm(node, op)
+    if q.act is not None and q.act_qparams is None and q.act.granularity is not ActGranularity.PER_TOKEN:
+        if not q.act.dynamic:
+            msg = f"node '{op.name}': static activations without calibrated parameters"
             raise UnsupportedOpError(msg)
-        x = node.inputs[0]
-        cache = view.lowered_inputs
-        dq_out = cache.get(x.name)
-        if dq_out is None:
-            qp = q.act_qparams
-            zdtype = np.int8 if qp.signed else np.uint8
-            s = view.add_initializer(f"{x.name}_scale", np.asarray(qp.scale, np.float32))
-            z = view.add_initializer(f"{x.name}_zero_point", np.asarray(qp.zero_point, zdtype))
-            qn = ir.node("QuantizeLinear", [x, s, z], name=fresh(f"{x.name}_q"))
-            qn.outputs[0].name = fresh(f"{x.name}_quantized")
-            dqn = ir.node("DequantizeLinear", [qn.outputs[0], s, z], name=fresh(f"{x.name}_dq"))
-            dqn.outputs[0].name = fresh(f"{x.name}_dequantized")
-            producer = x.producer()
-            if producer is not None:
-                graph.insert_after(producer, [qn, dqn])
-            else:
-                graph.insert_before(graph.node(0), [qn, dqn])
-            dq_out = cache[x.name] = dqn.outputs[0]
-        node.replace_input_with(0, dq_out)
+    if q.codes is None:
+        if q.act is not None:
+            node.replace_input_with(0, _act_float(view, node, q))
+        return
+    dynamic = q.act is not None and q.act_qparams is None
+    integer_ok = q.per_channel and q.zero_points is None and q.g_idx is None
+    if config.weight_op is WeightOp.AUTO and integer_ok and dynamic:
+        _lower_dynamic_integer(view, node, op, q)
+    elif config.weight_op is WeightOp.AUTO and integer_ok and q.bits == 8 and q.act is not None:
+        _lower_qdq(view, node, q)
+    elif config.weight_op is WeightOp.DEQUANTIZE_LINEAR:
+        _lower_blocked_dq(view, node, op, q)
+    else:
+        _lower_matmulnbits(view, node, op, q, config)
+
+
+def _check_gemm(node: ir.Node, op: OpRef) -> None:
+    if node.op_type != "Gemm":
+        return
+    alpha = node.attributes.get_float("alpha", 1.0)
+    beta = node.attributes.get_float("beta", 1.0)
+    if alpha != 1.0 or beta != 1.0:
+        msg = f"node '{op.name}': Gemm with alpha={alpha}, beta={beta} is not lowered (expected 1, 1)"
+        raise UnsupportedOpError(msg)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _const(view, base: str, array: np.ndarray) -> ir.Value:
+    return view.add_initializer(base, np.ascontiguousarray(array))
+
+
+def _new_node(view, op_type: str, inputs, name: str, *, domain: str = "", out: str | None = None, **attrs):
+    node = ir.node(op_type, list(inputs), attributes=attrs or None, domain=domain, name=view.fresh_name(name))
+    node.outputs[0].name = view.fresh_name(out or f"{name}_out")
+    return node
+
+
+def _insert_for_input(view, x: ir.Value, nodes: list[ir.Node]) -> None:
+    """Insert nodes computing from activation x right after its producer (or at the top)."""
+    graph = view.model.graph
+    producer = x.producer()
+    if producer is not None:
+        graph.insert_after(producer, nodes)
+    else:
+        graph.insert_before(graph.node(0), nodes)
+
+
+def _replace_linear(view, node: ir.Node, new_nodes: list[ir.Node]) -> None:
+    """Swap `node` (MatMul or Gemm) for `new_nodes`, whose last output takes its place."""
+    graph = view.model.graph
+    old_out = node.outputs[0]
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        add = _new_node(view, "Add", [new_nodes[-1].outputs[0], node.inputs[2]], f"{node.name}_bias")
+        new_nodes = [*new_nodes, add]
+    new_out = new_nodes[-1].outputs[0]
+    new_out.shape, new_out.type = old_out.shape, old_out.type
+    w_value = node.inputs[1]
+    ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [old_out], [new_out])
+    if w_value is not None and not w_value.uses() and w_value.is_initializer():
+        graph.initializers.pop(w_value.name)
+
+
+# ------------------------------------------------------------------------------ activations
+
+
+def _reduce_max(view, x: ir.Value, name: str, per_token: bool) -> ir.Node:
+    """ReduceMax over the last axis (per token, keepdims) or over everything (per tensor)."""
+    opset = _opset(view.model)
+    if not per_token:
+        return _new_node(view, "ReduceMax", [x], name, keepdims=0)
+    if opset >= 18:
+        axes = _const(view, f"{name}_axes", np.asarray([-1], np.int64))
+        return _new_node(view, "ReduceMax", [x, axes], name, keepdims=1)
+    return _new_node(view, "ReduceMax", [x], name, keepdims=1, axes=[-1])
+
+
+def _dynamic_codes(view, x: ir.Value, q: QLinear) -> tuple[ir.Value, ir.Value, list[ir.Node]]:
+    """Integer codes of x (as float, exact integers) and its scale: symmetric absmax / qmax.
+
+    Same arithmetic as the torch reference: s = max|x| / qmax (1 where the max is 0),
+    codes = round_half_even(x / s), |codes| <= qmax by construction.
+    """
+    qmax = float(2 ** (format_bits(q.act.format) - 1) - 1)
+    per_token = q.act.granularity is ActGranularity.PER_TOKEN
+    base = f"{x.name}_{'tok' if per_token else 'dyn'}"
+    absx = _new_node(view, "Abs", [x], f"{base}_abs")
+    amax = _reduce_max(view, absx.outputs[0], f"{base}_amax", per_token)
+    qmax_c = _const(view, f"{base}_qmax", np.asarray(qmax, np.float32))
+    scale = _new_node(view, "Div", [amax.outputs[0], qmax_c], f"{base}_scale0")
+    # all-zero rows: any positive scale gives codes 0 and output 0, as the reference's scale 1 does
+    tiny = _const(view, f"{base}_tiny", np.asarray(np.finfo(np.float32).tiny, np.float32))
+    safe = _new_node(view, "Max", [scale.outputs[0], tiny], f"{base}_scale")
+    div = _new_node(view, "Div", [x, safe.outputs[0]], f"{base}_div")
+    rnd = _new_node(view, "Round", [div.outputs[0]], f"{base}_round")
+    # |x / s| <= qmax up to one ulp, which Round cannot push past qmax: no Clip needed
+    nodes = [absx, amax, scale, safe, div, rnd]
+    return rnd.outputs[0], safe.outputs[0], nodes
+
+
+def _act_float(view, node: ir.Node, q: QLinear) -> ir.Value:
+    """The linear's input quantized-dequantized in float (shared by all linears reading it)."""
+    x = node.inputs[0]
+    key = (x.name, "float", q.act)
+    cache = view.lowered_inputs
+    if key in cache:
+        return cache[key]
+    if q.act_qparams is not None:
+        out, nodes = _static_qdq(view, x, q)
+    else:
+        codes, scale, nodes = _dynamic_codes(view, x, q)
+        mul = _new_node(view, "Mul", [codes, scale], f"{x.name}_fq")
+        nodes.append(mul)
+        out = mul.outputs[0]
+    out.shape, out.type = x.shape, x.type
+    _insert_for_input(view, x, nodes)
+    cache[key] = out
+    return out
+
+
+def _static_qdq(view, x: ir.Value, q: QLinear) -> tuple[ir.Value, list[ir.Node]]:
+    qp = q.act_qparams
+    if q.act.format != "int8":
+        msg = f"activation '{x.name}': static {q.act.format} activations are not lowered (QDQ takes int8)"
+        raise UnsupportedOpError(msg)
+    zdtype = np.int8 if qp.signed else np.uint8
+    s = _const(view, f"{x.name}_scale", np.asarray(qp.scale, np.float32))
+    z = _const(view, f"{x.name}_zero_point", np.asarray(qp.zero_point, zdtype))
+    qn = _new_node(view, "QuantizeLinear", [x, s, z], f"{x.name}_q", out=f"{x.name}_quantized")
+    dqn = _new_node(
+        view, "DequantizeLinear", [qn.outputs[0], s, z], f"{x.name}_dq", out=f"{x.name}_dequantized"
+    )
+    return dqn.outputs[0], [qn, dqn]
+
+
+# ------------------------------------------------------------------------------ weight forms
+
+
+def _lower_qdq(view, node: ir.Node, q: QLinear) -> None:
+    """Symmetric INT8 per-channel weight as DequantizeLinear(axis); activation Q/DQ (static)."""
+    graph = view.model.graph
+    w_value = node.inputs[1]
+    codes = q.codes.numpy().astype(np.int8)
+    if q.weight.out_axis == 1:
+        codes = codes.T  # stored [in, out]
+    qw = _const(view, f"{w_value.name}_quantized", codes)
+    scale = _const(view, f"{w_value.name}_scale", q.scales.reshape(-1).numpy().astype(np.float32))
+    zp = _const(view, f"{w_value.name}_zero_point", np.zeros(codes.shape[q.weight.out_axis], np.int8))
+    dq = _new_node(
+        view,
+        "DequantizeLinear",
+        [qw, scale, zp],
+        f"{node.name}_weight_dq",
+        out=f"{w_value.name}_dequantized",
+        axis=q.weight.out_axis,
+    )
+    graph.insert_before(node, dq)
+    node.replace_input_with(1, dq.outputs[0])
+    if not w_value.uses() and w_value.is_initializer():
+        graph.initializers.pop(w_value.name)
+    if q.act is not None:
+        node.replace_input_with(0, _act_float(view, node, q))
+
+
+def _lower_dynamic_integer(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
+    """Dynamic symmetric activations x symmetric per-channel weights on MatMulInteger.
+
+    y = (MatMulInteger(codes(x) + 128 as uint8, W_codes int8, a_zero_point 128) as float)
+    * s_x[row] * s_w[channel]; exact in int32. The codes are shifted to uint8 because ORT's
+    MatMulInteger runs u8 x s8 on MLAS but int8 x int8 on a path 8-40x slower here
+    (benchmarks/results/onnx_dynamic_candidates.md).
+    """
+    x = node.inputs[0]
+    key = (x.name, "uint8", q.act)
+    cache = view.lowered_inputs
+    if key not in cache:
+        codes, scale, nodes = _dynamic_codes(view, x, q)
+        shift = _const(view, f"{x.name}_offset", np.asarray(128.0, np.float32))
+        shifted = _new_node(view, "Add", [codes, shift], f"{x.name}_shift")
+        cast = _new_node(view, "Cast", [shifted.outputs[0]], f"{x.name}_codes", to=ir.DataType.UINT8)
+        nodes += [shifted, cast]
+        _insert_for_input(view, x, nodes)
+        zp = _const(view, f"{x.name}_zero_point", np.asarray(128, np.uint8))
+        cache[key] = (cast.outputs[0], scale, zp)
+    xq, xs, xzp = cache[key]
+    w_name = node.inputs[1].name
+    wq = _const(view, f"{w_name}_quantized", q.codes.numpy().astype(np.int8).T)  # [K, N]
+    ws = _const(view, f"{w_name}_scale", q.scales.reshape(-1).numpy().astype(np.float32))
+    mm = _new_node(view, "MatMulInteger", [xq, wq, xzp], f"{op.name}_int")
+    cast = _new_node(view, "Cast", [mm.outputs[0]], f"{op.name}_acc", to=ir.DataType.FLOAT)
+    by_row = _new_node(view, "Mul", [cast.outputs[0], xs], f"{op.name}_row_scale")
+    by_col = _new_node(view, "Mul", [by_row.outputs[0], ws], f"{op.name}_col_scale")
+    _replace_linear(view, node, [mm, cast, by_row, by_col])
+
+
+def _lower_matmulnbits(view, node: ir.Node, op: OpRef, q: QLinear, config: OnnxLoweringConfig) -> None:
+    """com.microsoft MatMulNBits: y = A @ dequant(B)^T with B [N, K] in blocks along K.
+
+    GPTQ act-order: unless `lowering.g_idx`, the input channels are permuted so that groups are
+    contiguous (the weight offline, the activation by a Gather shared by the linears reading it):
+    ORT's kernel with a g_idx input runs ~2x slower at batch 1 on MiniLM
+    (benchmarks/results/onnxruntime_vs_peers.md, first run).
+    """
+    order = None if config.g_idx else act_order_permutation(q)
+    if order is not None:
+        q = dataclasses.replace(q, codes=q.codes[:, torch.from_numpy(order)], g_idx=None)
+    try:
+        packed: PackedNBits = matmulnbits_arrays(q)
+    except ValueError as exc:
+        msg = f"node '{op.name}': cannot lower to MatMulNBits: {exc}"
+        raise UnsupportedOpError(msg) from None
+    model: ir.Model = view.model
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    a = _act_float(view, node, q) if q.act is not None else node.inputs[0]
+    if order is not None:
+        a = _permuted(view, a, order)
+    w_name = node.inputs[1].name
+    inputs = [
+        a,
+        _const(view, f"{w_name}_nbits", packed.b),
+        _const(view, f"{w_name}_nbits_scales", packed.scales),
+        None if packed.zero_points is None else _const(view, f"{w_name}_nbits_zp", packed.zero_points),
+        None if packed.g_idx is None else _const(view, f"{w_name}_g_idx", packed.g_idx),
+    ]
+    while inputs[-1] is None:
+        inputs.pop()
+    mnb = _new_node(
+        view,
+        "MatMulNBits",
+        inputs,
+        f"{op.name}_nbits",
+        domain=MS_DOMAIN,
+        K=packed.k,
+        N=packed.n,
+        bits=packed.bits,
+        block_size=packed.block_size,
+        accuracy_level=config.accuracy_level,
+    )
+    _replace_linear(view, node, [mnb])
+
+
+def _permuted(view, a: ir.Value, order: np.ndarray) -> ir.Value:
+    """a[..., order], one Gather per (activation, permutation) shared by the linears reading it."""
+    key = (a.name, "gather", order.tobytes())
+    cache = view.lowered_inputs
+    if key not in cache:
+        idx = _const(view, f"{a.name}_act_order", order.astype(np.int64))
+        gather = _new_node(view, "Gather", [a, idx], f"{a.name}_act_order", axis=-1)
+        _insert_for_input(view, a, [gather])
+        cache[key] = gather.outputs[0]
+    return cache[key]
+
+
+def _lower_blocked_dq(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
+    """Opset-21 DequantizeLinear(int4/uint4 or int8/uint8 [K, N], block_size along K) + MatMul.
+
+    GPTQ act-order groups are made contiguous by permuting the input channels: the weight rows
+    offline, the activation with a Gather on its last axis.
+    """
+    model: ir.Model = view.model
+    if _opset(model) < BLOCKED_DQ_OPSET:
+        msg = (
+            f"node '{op.name}': recipe key 'lowering.weight_op': dequantize_linear needs opset >= "
+            f"{BLOCKED_DQ_OPSET} (blocked DequantizeLinear), the model has opset {_opset(model)}; "
+            "export at opset 21 or use weight_op: matmulnbits"
+        )
+        raise UnsupportedOpError(msg)
+    try:
+        arrays = blocked_dq_arrays(q)
+    except ValueError as exc:
+        msg = f"node '{op.name}': cannot lower to blocked DequantizeLinear: {exc}"
+        raise UnsupportedOpError(msg) from None
+    model.ir_version = max(model.ir_version or 0, 10)  # int4 tensors
+    w_name = node.inputs[1].name
+    nodes: list[ir.Node] = []
+    a = _act_float(view, node, q) if q.act is not None else node.inputs[0]
+    if arrays.order is not None:
+        a = _permuted(view, a, arrays.order)
+    dq_inputs = [
+        _const(view, f"{w_name}_quantized", arrays.codes),
+        _const(view, f"{w_name}_scale", arrays.scales),
+    ]
+    if arrays.zero_points is not None:
+        dq_inputs.append(_const(view, f"{w_name}_zero_point", arrays.zero_points))
+    # blocks along K (axis 0 of [K, N]); per output channel: one scale per column (axis 1)
+    attrs = {"axis": 1} if arrays.block_size is None else {"axis": 0, "block_size": arrays.block_size}
+    dq = _new_node(view, "DequantizeLinear", dq_inputs, f"{op.name}_weight_dq", **attrs)
+    mm = _new_node(view, "MatMul", [a, dq.outputs[0]], f"{op.name}_matmul")
+    _replace_linear(view, node, [*nodes, dq, mm])

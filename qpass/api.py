@@ -77,6 +77,8 @@ def quantize_with_report(
     else:
         batches = torch_batches(calibration)
         view = open_view(model, example_inputs if example_inputs is not None else batches[0])
+    if isinstance(view, OnnxGraphView):
+        view.lowering = recipe.lowering  # read by lowering/onnxruntime.py and insert_rotation
     ctx = PassContext(recipe.weights, recipe.activations, progress)
     _check_weight_target(recipe, view)
     report = run_passes(view, _weight_passes(recipe), batches, ctx, verify=verify, tolerance=tolerance)
@@ -87,6 +89,9 @@ def quantize_with_report(
         view.apply(plan)
         report.results.append(PassResult("quantize", plan))
     if isinstance(view, OnnxGraphView):
+        from lowering.onnx_finalize import finalize_onnx
+
+        finalize_onnx(view.model, recipe.lowering)
         out: Any = view.to_proto() if as_proto else view.model
     else:
         out = view.gm

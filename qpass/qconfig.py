@@ -204,3 +204,35 @@ class ActivationQuantConfig:
                 "in the format's own blocks (dynamic: true)"
             )
             raise ConfigError(msg)
+
+
+class WeightOp(enum.Enum):
+    """How ONNX lowering stores quantized weights (the recipe's `lowering.weight_op`)."""
+
+    AUTO = "auto"  # int8 per channel: QDQ / MatMulInteger; anything else: MatMulNBits
+    MATMULNBITS = "matmulnbits"  # com.microsoft MatMulNBits (4/8-bit, blocks of 16..256, g_idx)
+    DEQUANTIZE_LINEAR = "dequantize_linear"  # opset-21 blocked DequantizeLinear (int4/int8) + MatMul
+
+
+class RotationOp(enum.Enum):
+    """How an online Hadamard rotation is lowered to ONNX (the recipe's `lowering.rotation_op`)."""
+
+    AUTO = "auto"  # the faster of the two per size, as measured (lowering/onnx_functions.py)
+    MATMUL = "matmul"  # x @ Q with Q a constant
+    FWHT = "fwht"  # qpass.HadamardTransform: a function op computing the fast transform
+
+
+@dataclass(frozen=True)
+class OnnxLoweringConfig:
+    """ONNX Runtime lowering options (the recipe's `lowering:`); ignored by the torch target."""
+
+    weight_op: WeightOp = WeightOp.AUTO
+    accuracy_level: int = 0  # MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute of A
+    rotation_op: RotationOp = RotationOp.AUTO
+    g_idx: bool = False  # act-order as MatMulNBits g_idx (else: permute the input, faster kernel)
+    optimize: bool = True  # constant folding and dead-node removal after lowering
+
+    def __post_init__(self) -> None:
+        if self.accuracy_level not in range(5):
+            msg = f"recipe key 'lowering.accuracy_level': expected 0..4, got {self.accuracy_level}"
+            raise ConfigError(msg)

@@ -17,9 +17,9 @@ import yaml
 from passes import PASSES, QPass
 from qpass.config import from_mapping, to_mapping
 from qpass.errors import ConfigError
-from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
+from qpass.qconfig import ActivationQuantConfig, OnnxLoweringConfig, WeightQuantConfig
 
-_TOP_KEYS = ("name", "description", "passes", "weights", "activations", "target")
+_TOP_KEYS = ("name", "description", "passes", "weights", "activations", "target", "lowering")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Recipe:
     weights: WeightQuantConfig | None = None
     activations: ActivationQuantConfig | None = None
     target: Literal["onnxruntime", "torch"] = "onnxruntime"
+    lowering: OnnxLoweringConfig = field(default_factory=OnnxLoweringConfig)
 
     @property
     def quantizes(self) -> bool:
@@ -74,6 +75,7 @@ class Recipe:
                 if acts is None
                 else from_mapping(ActivationQuantConfig, acts, "activations"),
                 target=target,
+                lowering=from_mapping(OnnxLoweringConfig, data.get("lowering"), "lowering"),
             )
         except ConfigError as exc:
             msg = f"{origin}: {exc}"
@@ -108,6 +110,7 @@ class Recipe:
             "weights": to_mapping(self.weights),
             "activations": to_mapping(self.activations),
             "target": self.target,
+            "lowering": to_mapping(self.lowering),
         }
 
     def to_yaml(self) -> str:

@@ -95,11 +95,11 @@ def test_grouped_int4_weights_and_int4_activations(llama_case):
     assert _rel(w8(x).detach(), ref) < _rel(q(x).detach(), ref) < 1.0
 
 
-def test_formats_onnx_cannot_lower_yet_are_clear_errors(llama_case, onnx_dir):
-    with pytest.raises(UnsupportedOpError, match="int4 grouped weights are not lowered to ONNX yet"):
+def test_formats_onnx_cannot_lower_are_clear_errors(llama_case, onnx_dir):
+    with pytest.raises(UnsupportedOpError, match="MatMulNBits.*'weights.group': 8 "):
         qpass.quantize(
             str(llama_case.onnx_path(onnx_dir)),
-            {"weights": {"format": "int4", "group": 32}},
+            {"weights": {"format": "int4", "group": 8}},
             llama_case.onnx_calib(),
         )
 
@@ -134,9 +134,14 @@ def test_dynamic_per_token_on_torch(llama_case):
     torch.testing.assert_close(q(x[:1]), q(x)[:1])
 
 
-def test_dynamic_not_yet_lowered_to_onnx_is_a_clear_error(llama_case, onnx_dir):
-    with pytest.raises(UnsupportedOpError, match="dynamic activation quantization is not lowered to ONNX"):
-        qpass.quantize(str(llama_case.onnx_path(onnx_dir)), "w8a8-dynamic", llama_case.onnx_calib())
+def test_dynamic_per_token_onnx_matches_torch(llama_case, onnx_dir):
+    qo = qpass.quantize(str(llama_case.onnx_path(onnx_dir)), "w8a8-dynamic", llama_case.onnx_calib())
+    qt = qpass.quantize(llama_case.model, "w8a8-dynamic", llama_case.batches)
+    assert any(n.op_type == "MatMulInteger" for n in qo.graph.node)
+    x = llama_case.batches[-1]
+    y_torch = qt(x).detach()
+    y_onnx = _ort(qo).run(None, {"x": x.numpy()})[0]
+    assert _rel(y_onnx, y_torch) < 0.01 * _rel(y_torch, llama_case.reference(x))
 
 
 def test_passes_only_recipe_keeps_float_model(bert_case, onnx_dir):

@@ -144,6 +144,7 @@ class OnnxGraphView(GraphView):
         self._name_everything()
         self._session_cache: dict[tuple[str, ...], Any] = {}
         self.lowered_inputs: dict[str, ir.Value] = {}  # activation -> its shared Q/DQ output
+        self.lowering: Any = None  # the recipe's OnnxLoweringConfig (None: defaults)
         self.invalidate()
 
     def _name_everything(self) -> None:
