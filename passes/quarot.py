@@ -91,7 +91,7 @@ def _residual_add(view: GraphView, op: OpRef) -> int | None:
 
 
 def _components(view: GraphView) -> list[_Component]:
-    """Values joined by residual Adds (union-find), then closed over casts of stream values."""
+    """Values joined by residual Adds and by casts (union-find), each with a linear or norm reader."""
     parent: dict[str, str] = {}
 
     def find(x: str) -> str:
@@ -100,45 +100,48 @@ def _components(view: GraphView) -> list[_Component]:
             x = parent[x]
         return x
 
-    widths: dict[str, int] = {}
-    adds: list[OpRef] = []
-    for op in view.ops(frozenset({OpKind.ADD})):
-        width = _residual_add(view, op)
-        if width is None:
-            continue
-        adds.append(op)
-        out = view.op_output(op).name
-        widths[out] = width
-        for v in view.value_operands(op):
-            parent[find(v.name)] = find(out)
+    adds: dict[str, int] = {}
+    casts: set[str] = set()
+    for op in view.ops(frozenset({OpKind.ADD, OpKind.CAST})):
+        out = view.op_output(op)
+        if op.kind is OpKind.CAST:
+            if not _only_one_act(view, op):
+                continue
+            (src,) = view.value_operands(op)
+            if _last_dim(view, src) is None or _last_dim(view, src) != _last_dim(view, out):
+                continue
+            casts.add(op.name)
+            operands = [src]
+        else:
+            width = _residual_add(view, op)
+            if width is None:
+                continue
+            adds[op.name] = width
+            operands = view.value_operands(op)
+        for v in operands:
+            parent[find(v.name)] = find(out.name)
+    members: dict[str, set[str]] = {}
+    for name in list(parent):
+        members.setdefault(find(name), set()).add(name)
     groups: dict[str, _Component] = {}
-    for op in adds:
+    for op in view.ops(frozenset({OpKind.ADD, OpKind.CAST})):
         root = find(view.op_output(op).name)
-        comp = groups.setdefault(root, _Component(widths[view.op_output(op).name], set(), set(), set()))
-        comp.adds.add(op.name)
-        comp.values.update({view.op_output(op).name, *(v.name for v in view.value_operands(op))})
-    for comp in groups.values():
-        _close_over_casts(view, comp)
-    return list(groups.values())
+        if op.name in adds:
+            comp = groups.setdefault(root, _Component(adds[op.name], members[root], set(), set()))
+            comp.adds.add(op.name)
+    for op in view.ops(frozenset({OpKind.CAST})):
+        comp = groups.get(find(view.op_output(op).name))
+        if comp is not None and op.name in casts:
+            comp.casts.add(op.name)
+    return [c for c in groups.values() if _has_stream_reader(view, c)]
 
 
-def _close_over_casts(view: GraphView, comp: _Component) -> None:
-    """A cast of a stream value is the stream too (and so is what a cast was applied to)."""
-    todo = list(comp.values)
-    while todo:
-        value = ValueRef(todo.pop())
-        linked: list[tuple[OpRef, ValueRef]] = [
-            (c, view.op_output(c)) for c in view.consumers(value) if c.kind is OpKind.CAST
-        ]
-        prod = view.producer(value)
-        if prod is not None and prod.kind is OpKind.CAST and len(view.value_operands(prod)) == 1:
-            linked.append((prod, view.value_operands(prod)[0]))
-        for op, other in linked:
-            if _only_one_act(view, op):
-                comp.casts.add(op.name)
-                if other.name not in comp.values:
-                    comp.values.add(other.name)
-                    todo.append(other.name)
+def _has_stream_reader(view: GraphView, comp: _Component) -> bool:
+    """A residual stream is read by linears or norms (this leaves out e.g. RoPE's q*cos + r(q)*sin)."""
+    kinds = (OpKind.LINEAR, OpKind.LAYER_NORM, OpKind.RMS_NORM)
+    return any(
+        c.kind in kinds or c.op_type in _SQUARE_OPS for v in comp.values for c in view.consumers(ValueRef(v))
+    )
 
 
 def _only_one_act(view: GraphView, op: OpRef) -> bool:

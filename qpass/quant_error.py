@@ -1,0 +1,59 @@
+"""Per-layer quantization error of a graph, measured on its own activations (both graph kinds).
+
+Why: to show what an equivalent transform buys, compare the error each linear would make under a
+weight/activation format before and after the transform, without lowering anything (the ONNX
+lowering has no per-token activations yet, but this measurement needs none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from qpass.graph.view import GraphView, OpKind, iter_linear_ops
+from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
+from qpass.qlinear import canonical_weight, fake_quant_act, fake_quant_weight
+
+
+def linear_output_errors(
+    view: GraphView,
+    batches: Iterable[Any],
+    weights: WeightQuantConfig | None,
+    activations: ActivationQuantConfig | None,
+) -> dict[str, float]:
+    """For each 2-D linear: sum ||Q(x) Q(W)^T - x W^T||^2 / sum ||x W^T||^2 over the batches.
+
+    Activations must be dynamic (per token or per tensor at run time): no calibrated ranges here.
+    """
+    if activations is not None and not activations.dynamic:
+        msg = "linear_output_errors: activations must be dynamic (per-token or per-tensor at run time)"
+        raise ValueError(msg)
+    ops = [op for op in iter_linear_ops(view) if op.kind is OpKind.LINEAR]
+    ops = [op for op in ops if len(view.weight(op).const.shape) == 2]
+    w_fp, w_q = {}, {}
+    for op in ops:
+        ref = view.weight(op)
+        w_fp[op.name] = canonical_weight(view.read(ref.const), ref).to(torch.float64)
+        w_q[op.name] = (
+            w_fp[op.name] if weights is None else fake_quant_weight(w_fp[op.name].float(), weights).double()
+        )
+    num = dict.fromkeys(w_fp, 0.0)
+    den = dict.fromkeys(w_fp, 0.0)
+    inputs = {op.name: view.linear_input(op) for op in ops}
+    for observed in view.observe_stream(list(dict.fromkeys(inputs.values())), batches):
+        for name, value in inputs.items():
+            x = torch.as_tensor(observed[value.name]).to(torch.float32)
+            x = x.reshape(-1, x.shape[-1])
+            xq = x if activations is None else fake_quant_act(x, activations, None)
+            ref = x.double() @ w_fp[name].T
+            out = xq.double() @ w_q[name].T
+            num[name] += float(((out - ref) ** 2).sum())
+            den[name] += float((ref**2).sum())
+    return {name: num[name] / max(den[name], 1e-30) for name in num}
+
+
+def mean_error(errors: dict[str, float]) -> float:
+    """The mean over layers (each layer counts once, whatever its size)."""
+    return sum(errors.values()) / max(len(errors), 1)
