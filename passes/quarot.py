@@ -214,9 +214,9 @@ def _fused_norm(view: GraphView, op: OpRef, width: int) -> _Norm | str:
     params = view.norm_params(op)
     if params is None:
         return f"{op.op_type} '{op.name}' does not normalise over the channel axis only"
-    if params.beta is not None and bool(view.read(params.beta).any()):
-        return f"{op.op_type} '{op.name}' has a beta (run fuse_norms first)"
     gamma = None if _uniform(view, params.gamma) else params.gamma
+    if params.beta is not None and bool(view.read(params.beta).any()):
+        gamma = gamma or params.beta  # a beta added after the norm does not commute either
     out, extra = _after_gamma(view, view.op_output(op), width)
     return _Norm((op,), out, op.kind is OpKind.LAYER_NORM, gamma or extra)
 
@@ -272,7 +272,8 @@ class _Rewrite:
 def _plan_component(view: GraphView, comp: _Component) -> _Rewrite | str:
     d, rw = comp.width, _Rewrite()
     rotated: set[str] = set()
-    for name in sorted(comp.values):
+    values = sorted(comp.values)
+    for name in values:
         value = ValueRef(name)
         if view.is_graph_output(value):
             return f"stream value '{name}' is a graph output"
@@ -281,25 +282,40 @@ def _plan_component(view: GraphView, comp: _Component) -> _Rewrite | str:
             rw.writers_online.append(value)
             rw.described.append(f"input '{name}' (online)")
         elif prod.name not in comp.adds and prod.name not in comp.casts:
-            table = _embedding_table(view, prod, d)
-            if table is not None and view.const_users(table) == 1:
-                rw.offline.append((table, 1))
-                rw.described.append(f"{prod.op_type} '{prod.name}' table")
-            elif table is not None:
-                rw.writers_online.append(value)
-                rw.described.append(f"{prod.op_type} '{prod.name}' (table shared, online)")
-            else:
-                found = find_absorber(view, value, d)
-                if isinstance(found, str) or not found.rotatable or found.period is not None:
-                    why = found if isinstance(found, str) else f"{prod.op_type} '{prod.name}' scales channels"
-                    return f"writer of '{name}' cannot take the rotation: {why}"
-                rw.offline += [t for t in found.targets if t[0].name not in rotated]
-                rotated.update(t[0].name for t in found.targets)
-                rw.described.append(f"{prod.op_type} '{prod.name}'")
-        failed = _plan_readers(view, comp, value, rw)
+            failed = _plan_writer(view, prod, value, d, rw, rotated)
+            if failed:
+                return failed
+    for name in values:
+        failed = _plan_readers(view, comp, ValueRef(name), rw)
         if failed:
             return failed
+    if not rw.covered:
+        return "no reader takes the rotation offline: " + "; ".join(d for d in rw.described if "inverse" in d)
     return rw
+
+
+def _plan_writer(
+    view: GraphView, prod: OpRef, value: ValueRef, d: int, rw: _Rewrite, rotated: set[str]
+) -> str | None:
+    table = _embedding_table(view, prod, d)
+    if table is not None and view.const_users(table) == 1:
+        rw.offline.append((table, 1))
+        rw.described.append(f"{prod.op_type} '{prod.name}' table")
+        return None
+    if table is not None:
+        rw.writers_online.append(value)
+        rw.described.append(f"{prod.op_type} '{prod.name}' (table shared, online)")
+        return None
+    if prod.kind in (OpKind.LAYER_NORM, OpKind.RMS_NORM):
+        return f"{prod.op_type} '{prod.name}' writes the stream (post-LN): a norm's output cannot carry Q"
+    found = find_absorber(view, value, d)
+    if isinstance(found, str) or not found.rotatable or found.period is not None:
+        why = found if isinstance(found, str) else f"{prod.op_type} '{prod.name}' scales channels"
+        return f"writer of '{value.name}' cannot take the rotation: {why}"
+    rw.offline += [t for t in found.targets if t[0].name not in rotated]
+    rotated.update(t[0].name for t in found.targets)
+    rw.described.append(f"{prod.op_type} '{prod.name}'")
+    return None
 
 
 def _plan_readers(view: GraphView, comp: _Component, value: ValueRef, rw: _Rewrite) -> str | None:
@@ -335,7 +351,7 @@ def _plan_readers(view: GraphView, comp: _Component, value: ValueRef, rw: _Rewri
         return norm
     linears = _linear_readers(view, norm.output, d)
     if norm.gamma is not None or isinstance(linears, str):
-        why = f"gamma '{norm.gamma.name}' not fused" if norm.gamma is not None else linears
+        why = f"'{norm.gamma.name}' not fused" if norm.gamma is not None else linears
         rw.readers_online.append((value, norm.readers))
         rw.described.append(f"norm at '{norm.readers[0].name}' (online inverse: {why})")
         return None

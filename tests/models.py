@@ -168,7 +168,9 @@ class OptBlock(nn.Module):
 class TinyOpt(nn.Module):
     """OPT-like decoder over token ids: embedding table, pre-LN blocks, final LayerNorm, untied head."""
 
-    def __init__(self, vocab: int = 96, dim: int = 64, hidden: int = 128, heads: int = 4, layers: int = 2) -> None:
+    def __init__(
+        self, vocab: int = 96, dim: int = 64, hidden: int = 128, heads: int = 4, layers: int = 2
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.layers = nn.ModuleList(OptBlock(dim, hidden, heads) for _ in range(layers))
@@ -223,7 +225,12 @@ def inject_stream_outliers(
 
 
 def stream_outlier_inputs(
-    n: int = 4, t: int = 16, dim: int = 64, seed: int = 1, channels: tuple[int, ...] = (3, 17), factor: float = 30.0
+    n: int = 4,
+    t: int = 16,
+    dim: int = 64,
+    seed: int = 1,
+    channels: tuple[int, ...] = (3, 17),
+    factor: float = 30.0,
 ) -> torch.Tensor:
     """TinyLlama inputs whose residual stream starts with massive channels (as after an embedding)."""
     x = llama_inputs(n, t, dim, seed)
