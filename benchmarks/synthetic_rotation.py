@@ -6,7 +6,7 @@ graph kind and transform, the relative squared output error of every linear unde
 activations and INT4 per-channel weights (RTN or GPTQ), averaged over the linears
 (`qpass.quant_error`). Writes benchmarks/results/synthetic_rotation.{json,md}.
 
-    .venv/bin/python benchmarks/synthetic_rotation.py
+    .venv/bin/python benchmarks/synthetic_rotation.py [--all]
 """
 
 from __future__ import annotations
@@ -38,8 +38,10 @@ FUSE = FuseNorms(FuseNormsConfig())
 TRANSFORMS = {
     "none": [],
     "fuse_norms": [FUSE],
-    "per-site hadamard": [FUSE, Rotate(RotateConfig())],
     "quarot (residual hadamard)": [FUSE, Rotate(RotateConfig(layout=RotationLayout.RESIDUAL))],
+}
+MORE = {  # --all: per-site rotations and the other rotation kinds at the remaining sites
+    "per-site hadamard": [FUSE, Rotate(RotateConfig())],
     "quarot + klt sites": [FUSE, Rotate(RotateConfig(RotationKind.KLT, layout=RotationLayout.RESIDUAL))],
     "quarot + duquant sites": [
         FUSE,
@@ -60,12 +62,13 @@ def cases() -> list[Case]:
 
 
 def main() -> None:
+    transforms = {**TRANSFORMS, **MORE} if "--all" in sys.argv else TRANSFORMS
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases():
             for backend in ("fx", "onnx"):
                 batches = case.batches_for(backend)
-                for name, passes in TRANSFORMS.items():
+                for name, passes in transforms.items():
                     view = case.view(backend, Path(tmp))
                     for p in passes:
                         run_pass(view, p, batches, PassContext(), verify=True)
