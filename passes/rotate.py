@@ -8,6 +8,9 @@ columns and
 - online, otherwise (`online: true`): an inserted x @ Q op on the edge (e.g. down_proj, whose
   input is an elementwise product), as QuaRot does.
 Sites fed by a norm's gamma need norm fusion first and are skipped with that reason.
+
+`layout: residual` (QuaRot) first rotates the whole residual stream offline (passes/quarot.py),
+then rotates the remaining sites as above (down_proj online, V -> o_proj per head).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from passes.base import PassContext, QPass
+from passes.quarot import plan_residual
 from passes.regions import Site, find_absorber, find_sites
 from passes.rotation_math import (
     duquant_matrix,
@@ -43,14 +47,26 @@ class RotationKind(enum.Enum):
     DUQUANT = "duquant"  # greedy block rotations, zigzag permutation, block rotations (DuQuant)
 
 
+class RotationLayout(enum.Enum):
+    """Where rotations go."""
+
+    SITES = "sites"  # one rotation per linear input (offline into a producer linear, or online)
+    RESIDUAL = "residual"  # QuaRot: one Q through the whole residual stream, then the other sites
+
+
 @dataclass(frozen=True)
 class RotateConfig:
-    """kind: the matrix; online: also rotate sites no producer can absorb, with an inserted op."""
+    """kind: the matrix; online: also rotate sites no producer can absorb, with an inserted op.
+
+    With layout residual the stream's Q is a Hadamard matrix for kinds hadamard, klt and duquant
+    (their calibrated matrices then go to the remaining sites) and a random one for kind random.
+    """
 
     kind: RotationKind = RotationKind.HADAMARD
     online: bool = True
     seed: int = 0
     block_size: int = 64  # DuQuant rotation blocks (reduced to a divisor of the width)
+    layout: RotationLayout = RotationLayout.SITES
 
 
 def block_diagonal(block: torch.Tensor, width: int) -> torch.Tensor:
@@ -68,9 +84,17 @@ class Rotate(QPass):
         needed = kinds.get(self.config.kind)
         return [StatRequest(site.value, frozenset(needed)) for site in find_sites(view)[0]] if needed else []
 
-    def _matrix(self, n: int, site: Site, stats: Stats, period: int | None) -> tuple[torch.Tensor, str]:
+    def _fixed_matrix(self, n: int) -> tuple[torch.Tensor, str]:
+        """A calibration-free n x n rotation (Hadamard where one is known) and its construction."""
+        return self._matrix(n, None, None, None)
+
+    def _matrix(
+        self, n: int, site: Site | None, stats: Stats | None, period: int | None
+    ) -> tuple[torch.Tensor, str]:
         """The n x n rotation for a site and the construction used (for the report)."""
         kind, seed = self.config.kind, self.config.seed
+        if site is None and kind is not RotationKind.RANDOM:
+            kind = RotationKind.HADAMARD
         if kind is RotationKind.HADAMARD:
             if has_hadamard(n):
                 return randomized_hadamard(n, seed), f"hadamard {hadamard_construction(n)}"
@@ -100,7 +124,16 @@ class Rotate(QPass):
     def plan(self, view: GraphView, stats: Stats, ctx: PassContext) -> EditPlan:
         sites, rejected = find_sites(view)
         plan = EditPlan(self.name, notes=[SiteNote(label, False, reason) for label, reason in rejected])
+        covered: set[str] = set()
+        if self.config.layout is RotationLayout.RESIDUAL:
+            stream = plan_residual(view, self._fixed_matrix)
+            plan.edits += stream.edits
+            plan.notes += stream.notes
+            covered = stream.covered
         for site in sites:
+            if site.value.name in covered:
+                plan.notes.append(SiteNote(site.label, True, "carries the residual stream's rotation"))
+                continue
             absorber = find_absorber(view, site.value, site.channels)
             offline = not isinstance(absorber, str) and absorber.rotatable
             if not offline and not self.config.online:

@@ -163,7 +163,11 @@ def spread_channel_outliers(model: nn.Module, factor: float = 20.0, count: int =
             if isinstance(mod, Attention):
                 rows = [h * mod.head_dim + p for h in range(mod.kv_heads) for p in spread(mod.head_dim)]
                 qrows = [h * mod.head_dim + p for h in range(mod.heads) for p in spread(mod.head_dim)]
-                scaled = ((mod.v_proj, rows, factor), (mod.k_proj, rows, factor), (mod.q_proj, qrows, 1 / factor))
+                scaled = (
+                    (mod.v_proj, rows, factor),
+                    (mod.k_proj, rows, factor),
+                    (mod.q_proj, qrows, 1 / factor),
+                )
                 for lin, rs, f in scaled:
                     lin.weight[rs] *= f
                     if lin.bias is not None:
@@ -175,3 +179,92 @@ def spread_channel_outliers(model: nn.Module, factor: float = 20.0, count: int =
                 if inner.bias is not None:
                     inner.bias[rs] *= factor
     return model.eval()
+
+
+class OptBlock(nn.Module):
+    """Pre-LN block as in OPT: x + attn(LN(x)), x + fc2(relu(fc1(LN(x))))."""
+
+    def __init__(self, dim: int, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, bias=True)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.relu(self.fc1(self.ln2(x))))
+
+
+class TinyOpt(nn.Module):
+    """OPT-like decoder over token ids: embedding table, pre-LN blocks, final LayerNorm, untied head."""
+
+    def __init__(
+        self, vocab: int = 96, dim: int = 64, hidden: int = 128, heads: int = 4, layers: int = 2
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(OptBlock(dim, hidden, heads) for _ in range(layers))
+        self.final_ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.final_ln(x))
+
+
+def opt_inputs(n: int = 4, t: int = 16, vocab: int = 96, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def inject_stream_outliers(
+    model: nn.Module, channels: tuple[int, ...] = (3, 17), factor: float = 30.0, writers: bool = False
+) -> nn.Module:
+    """Massive residual-stream channels, as LLMs have: the embedding table (TinyOpt; for TinyLlama
+    feed `stream_outlier_inputs`) emits them `factor` times larger, the residual carries them, and
+    every linear reading a norm of the stream has small weights there (1/factor), so the outliers
+    do not dominate the outputs. Norm fusion cannot remove them. `writers`: every linear writing the
+    stream also emits them `factor` times larger (super weights: massive output rows).
+    """
+    idx = list(channels)
+    writers_list, readers = [], []
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            writers_list.append(mod.o_proj)
+            readers += [mod.q_proj, mod.k_proj, mod.v_proj]
+        elif isinstance(mod, LlamaBlock):
+            writers_list.append(mod.down_proj)
+            readers += [mod.gate_proj, mod.up_proj]
+        elif isinstance(mod, OptBlock):
+            writers_list.append(mod.fc2)
+            readers.append(mod.fc1)
+    head = getattr(model, "head", None)
+    readers += [head] if head is not None else []
+    writers = writers_list if writers else []
+    with torch.no_grad():
+        for lin in writers:
+            lin.weight[idx] *= factor
+            if lin.bias is not None:
+                lin.bias[idx] *= factor
+        for lin in readers:
+            lin.weight[:, idx] /= factor
+        if isinstance(model, TinyOpt):
+            model.embed.weight[:, idx] *= factor
+    return model.eval()
+
+
+def stream_outlier_inputs(
+    n: int = 4,
+    t: int = 16,
+    dim: int = 64,
+    seed: int = 1,
+    channels: tuple[int, ...] = (3, 17),
+    factor: float = 30.0,
+) -> torch.Tensor:
+    """TinyLlama inputs whose residual stream starts with massive channels (as after an embedding)."""
+    x = llama_inputs(n, t, dim, seed)
+    x[..., list(channels)] *= factor
+    return x

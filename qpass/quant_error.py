@@ -1,0 +1,86 @@
+"""Per-layer quantization error of a graph, measured on its own activations (both graph kinds).
+
+Why: to show what an equivalent transform buys, compare the error each linear would make under a
+weight/activation format before and after the transform, without lowering anything (the ONNX
+lowering has no per-token activations yet, but this measurement needs none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from qpass.graph.view import GraphView, OpKind, ValueRef, iter_linear_ops
+from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
+from qpass.qlinear import canonical_weight, fake_quant_act, fake_quant_weight, weight_spec
+
+
+def linear_output_errors(
+    view: GraphView,
+    batches: Iterable[Any],
+    weights: WeightQuantConfig | None,
+    activations: ActivationQuantConfig | None,
+) -> dict[str, float]:
+    """For each 2-D linear: sum ||Q(x) Q(W)^T - x W^T||^2 / sum ||x W^T||^2 over the batches.
+
+    Activations must be dynamic (per token or per tensor at run time): no calibrated ranges here.
+    Weights are rounded to nearest, or by GPTQ (`algo: gptq`) with the Hessian of the same batches.
+    """
+    batches = list(batches)
+    if activations is not None and not activations.dynamic:
+        msg = "linear_output_errors: activations must be dynamic (per-token or per-tensor at run time)"
+        raise ValueError(msg)
+    ops = [op for op in iter_linear_ops(view) if op.kind is OpKind.LINEAR]
+    ops = [op for op in ops if len(view.weight(op).const.shape) == 2]
+    inputs = {op.name: view.linear_input(op) for op in ops}
+    w_fp = {}
+    for op in ops:
+        ref = view.weight(op)
+        w_fp[op.name] = canonical_weight(view.read(ref.const), ref).to(torch.float64)
+    if weights is not None and weights.algo == "gptq":
+        hessians = _hessians(view, inputs, batches)
+        w_q = {name: _gptq(w, hessians[name], weights) for name, w in w_fp.items()}
+    elif weights is not None:
+        w_q = {name: fake_quant_weight(w.float(), weights).double() for name, w in w_fp.items()}
+    else:
+        w_q = w_fp
+    num = dict.fromkeys(w_fp, 0.0)
+    den = dict.fromkeys(w_fp, 0.0)
+    for observed in view.observe_stream(list(dict.fromkeys(inputs.values())), batches):
+        for name, value in inputs.items():
+            x = _rows(observed[value.name])
+            xq = x if activations is None else fake_quant_act(x, activations, None)
+            ref = x.double() @ w_fp[name].T
+            out = xq.double() @ w_q[name].T
+            num[name] += float(((out - ref) ** 2).sum())
+            den[name] += float((ref**2).sum())
+    return {name: num[name] / max(den[name], 1e-30) for name in num}
+
+
+def _rows(x: Any) -> torch.Tensor:
+    x = torch.as_tensor(x).to(torch.float32)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _hessians(view: GraphView, inputs: dict[str, ValueRef], batches: list[Any]) -> dict[str, torch.Tensor]:
+    """X^T X of each linear's input over the batches (GPTQ's Hessian, up to a factor)."""
+    out: dict[str, torch.Tensor] = {}
+    for observed in view.observe_stream(list(dict.fromkeys(inputs.values())), batches):
+        for name, value in inputs.items():
+            x = _rows(observed[value.name]).double()
+            out[name] = out.get(name, 0) + x.T @ x
+    return out
+
+
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, cfg: WeightQuantConfig) -> torch.Tensor:
+    from passes.weights import gptq  # the algorithms live with the passes
+
+    qw = gptq(w.float(), hessian.float(), weight_spec(cfg), act_order=cfg.act_order, damp=cfg.damp)
+    return qw.dequantized().double()
+
+
+def mean_error(errors: dict[str, float]) -> float:
+    """The mean over layers (each layer counts once, whatever its size)."""
+    return sum(errors.values()) / max(len(errors), 1)
