@@ -45,8 +45,10 @@ def finalize_onnx(model: ir.Model, config: OnnxLoweringConfig | None = None) -> 
 
 def check_lowered(model: ir.Model) -> None:
     """onnx.checker with full check (strict shape inference); PassError naming the failure."""
-    if initializer_bytes(model) > PROTO_LIMIT:
-        return  # too large for one protobuf in memory
+    from qpass.io import EXTERNAL_KEY
+
+    if initializer_bytes(model) > PROTO_LIMIT or model.meta.get(EXTERNAL_KEY):
+        return  # too large for one protobuf in memory / weights still in the source's data files
     proto = ir.serde.serialize_model(model)
     try:
         onnx.checker.check_model(proto, full_check=True)

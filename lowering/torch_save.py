@@ -34,7 +34,8 @@ class LoadedModel:
     recipe: Recipe | None
 
 
-def _register_ops() -> None:
+def register_qpass_ops() -> None:
+    """Register the qpass::* custom ops a saved quantized program may call."""
     import kernels.hadamard  # noqa: F401 - the qpass::* ops a saved program calls
     import kernels.w4a16  # noqa: F401
     import kernels.w8a8  # noqa: F401
@@ -67,7 +68,7 @@ def _packed_only(model: torch.nn.Module):
 
 def save_quantized(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any) -> None:
     """Export `model` (a `qpass.quantize` result) on `example_inputs` and write it with its recipe."""
-    _register_ops()
+    register_qpass_ops()
     args, kwargs = split_batch(example_inputs)
     recipe = getattr(model, "meta", {}).get("qpass_recipe")
     with _packed_only(model), torch.no_grad():
@@ -83,7 +84,7 @@ def save_quantized(model: torch.nn.Module, path: str | os.PathLike, example_inpu
 
 def load_quantized(path: str | os.PathLike) -> LoadedModel:
     """Load what `save_quantized` wrote: the runnable module and the recipe."""
-    _register_ops()
+    register_qpass_ops()
     extra = {_RECIPE_FILE: ""}
     if not os.path.isfile(path):
         msg = f"{os.fspath(path)}: no such quantized model file"

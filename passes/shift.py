@@ -196,8 +196,8 @@ class _ShiftScale(QPass):
                     plan.edits.append(
                         ShiftChannels(target.const, delta.reshape(target.const.shape), site=site.label)
                     )
-                else:
-                    plan.edits.append(AddBias(target.linear, delta, site=site.label))
+                else:  # in input units: the row scaling below divides it by s like the weight rows
+                    plan.edits.append(AddBias(target.linear, -z, site=site.label))
                 shift_note = f"shift |z| max {float(z.abs().max()):.3g}"
             else:
                 shift_note = f"no shift ({target})"
@@ -209,7 +209,32 @@ class _ShiftScale(QPass):
                     f"{shift_note}; {detail}; outlier ratio {ratio:.1f}x, via {absorber.path}",
                 )
             )
+        plan.edits = _bias_edits_last(view, plan.edits)
         return plan
+
+
+def _bias_edits_last(view: GraphView, edits: list) -> list:
+    """AddBias edits moved after every scaling, each delta times its linear's output-row factors.
+
+    A bias belongs to the linear's output rows: another site's absorber may scale those rows
+    (and an existing bias) by 1/s; a bias added (or created) afterwards must carry the same
+    factors, b' = (b + d) * f = b * f + d * f, whatever the order of the sites.
+    """
+    adds = [e for e in edits if isinstance(e, AddBias)]
+    rest = [e for e in edits if not isinstance(e, AddBias)]
+    fixed = []
+    for e in adds:
+        ref = view.weight(e.op)
+        f = torch.ones(ref.out_features, dtype=torch.float64)
+        for o in rest:
+            if (
+                isinstance(o, ScaleChannels)
+                and o.const == ref.const
+                and o.axis % len(ref.const.shape) == ref.out_axis
+            ):
+                f = f * o.factors.to(torch.float64).reshape(-1)
+        fixed.append(AddBias(e.op, (e.delta.to(torch.float64) * f).to(torch.float32), site=e.site))
+    return rest + fixed
 
 
 class OutlierSuppressionPlus(_ShiftScale):

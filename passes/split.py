@@ -99,6 +99,9 @@ class SplitQuant(QPass):
                     SiteNote(op.name, False, f"weight '{ref.const.name}' is shared by {users} ops")
                 )
                 continue
+            if view.shape(view.linear_input(op)) is None:  # the summed parts need the input's rank
+                plan.notes.append(SiteNote(op.name, False, "input has no known shape (rank) to split over"))
+                continue
             if ref.in_features < cfg.min_in_features:
                 plan.notes.append(
                     SiteNote(op.name, False, f"{ref.in_features} input features < min_in_features")

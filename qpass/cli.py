@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         help="run a recipe's passes and quantize a model",
         description="Run a recipe's outlier passes (verified), calibrate and quantize. ONNX in: an .onnx "
         "out that stock onnxruntime runs. Torch 'module:factory' in: a .pt2 (torch.export.save; "
-        "load with torch.export.load(path).module()) plus the recipe as OUT-stem.recipe.yaml.",
+        "load: lowering.torch_save.register_qpass_ops(); torch.export.load(path).module()) "
+        "plus the recipe as OUT-stem.recipe.yaml.",
     )
     q.add_argument("input", help="an .onnx model (opened read-only) or a torch 'module:factory'")
     q.add_argument(
@@ -340,14 +341,17 @@ def _save_torch(result: Any, example: Any, out: Path, console: _Console) -> None
             )
             raise QPassError(msg) from exc
         console.say(f"note: {out} accepts only the example input shapes (static export)")
-    tmp = out.with_name(f".{out.stem}.tmp.pt2")
+    from qpass.io import atomic_path
+
+    tmp = out.with_name(f".{out.stem}.tmp.pt2")  # torch.export.save wants a .pt2 name
     try:
         torch.export.save(program, str(tmp))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     recipe_path = recipe_path_for(out)
-    recipe_path.write_text(result.recipe.to_yaml())
+    with atomic_path(recipe_path) as tmp:
+        tmp.write_text(result.recipe.to_yaml())
     console.say(f"wrote {recipe_path}")
 
 

@@ -81,6 +81,9 @@ def load_program(path: str | os.PathLike) -> torch.nn.Module:
         msg = f"{path}: no such .pt2 file"
         raise ModelLoadError(msg)
     try:
+        from lowering.torch_save import register_qpass_ops
+
+        register_qpass_ops()  # a quantized program calls qpass::* kernels: register them first
         program = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - torch.export.load raises many types; name the file
         msg = f"{path}: not a readable torch.export program ({type(exc).__name__})"

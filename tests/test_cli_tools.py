@@ -157,7 +157,7 @@ def test_quantize_torch_factory_round_trip(bert_files, bert_case):
     assert get_recipe(str(saved)) == get_recipe("w8a8-smooth")
 
     # the saved program loads back and runs other batch sizes; it matches an in-process quantize
-    loaded = torch.export.load(str(out)).module()
+    loaded = _load_pt2(out)
     import cli_models
 
     import qpass
@@ -197,7 +197,7 @@ def test_eval_lm_perplexity_and_top1(tmp_path):
 
     import cli_models
 
-    fp, q = cli_models.tiny_lm(), torch.export.load(str(out)).module()
+    fp, q = cli_models.tiny_lm(), _load_pt2(out)
     x = torch.from_numpy(ids)
     with torch.no_grad():
         lf, lq = fp(x).double(), q(input_ids=x).double()
@@ -345,3 +345,11 @@ def test_inspect_torch_factory(bert_files, tmp_path, capsys):
     assert o_proj["after"]["act"]["max_ratio"] < o_proj["before"]["act"]["max_ratio"]
     shared = {(s["channel"], s["width"]) for s in doc["shared_outliers"]["before"]}
     assert {(3, 64), (17, 64)} <= shared
+
+
+def _load_pt2(path):
+    """A saved quantized program calls qpass::* kernels: register them, then load."""
+    from lowering.torch_save import register_qpass_ops
+
+    register_qpass_ops()
+    return torch.export.load(str(path)).module()

@@ -33,6 +33,8 @@ ONNX_RECIPES = [n for n in builtin_names() if get_recipe(n).target == "onnxrunti
 LOWERED_OP = {  # the op that shows the recipe took its intended form
     "w8a8": "QuantizeLinear",
     "w8a8-smooth": "QuantizeLinear",
+    "w8a8-os+": "QuantizeLinear",
+    "w8a8-outliertune": "QuantizeLinear",
     "w8a8-dynamic": "MatMulInteger",
     "w8a8-smooth-dynamic": "MatMulInteger",
     "w4a16": "MatMulNBits",
