@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from passes.base import PassContext, QPass
-from passes.regions import Absorber, Site, find_absorber, find_sites
+from passes.regions import Absorber, Site, absorbable_sites
 from passes.smooth import tile_to
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
@@ -78,16 +78,8 @@ class AWQ(QPass):
     name = "awq"
 
     def _sites(self, view: GraphView) -> tuple[list[tuple[Site, Absorber]], list[SiteNote]]:
-        sites, rejected = find_sites(view)
-        notes = [SiteNote(label, False, reason) for label, reason in rejected]
-        usable = []
-        for site in sites:
-            absorber = find_absorber(view, site.value, site.channels)
-            if isinstance(absorber, str):
-                notes.append(SiteNote(site.label, False, absorber))
-            else:
-                usable.append((site, absorber))
-        return usable, notes
+        usable, rejected = absorbable_sites(view)
+        return usable, [SiteNote(label, False, reason) for label, reason in rejected]
 
     def _format(self, ctx: PassContext) -> WeightQuantConfig:
         w = ctx.weights

@@ -79,6 +79,21 @@ def find_sites(view: GraphView) -> tuple[list[Site], list[tuple[str, str]]]:
     return sites, rejected
 
 
+def absorbable_sites(view: GraphView) -> tuple[list[tuple[Site, Absorber]], list[tuple[str, str]]]:
+    """Sites whose activation an upstream absorber can take a per-channel factor for, with (site,
+    reason) for the rest: what every scale/shift migration (smoothing, AWQ, OS+) starts from.
+    """
+    sites, rejected = find_sites(view)
+    usable = []
+    for site in sites:
+        absorber = find_absorber(view, site.value, site.channels)
+        if isinstance(absorber, str):
+            rejected.append((site.label, absorber))
+        else:
+            usable.append((site, absorber))
+    return usable, rejected
+
+
 _PASS_THROUGH = (OpKind.CAST,)
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from passes.base import PassContext, QPass
-from passes.regions import Absorber, Site, find_absorber, find_sites
+from passes.regions import Absorber, Site, absorbable_sites
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
 from qpass.graph.view import EditPlan, GraphView, ScaleChannels, SiteNote
@@ -72,16 +72,8 @@ class SmoothQuant(QPass):
     name = "smooth_quant"
 
     def _sites(self, view: GraphView) -> tuple[list[tuple[Site, Absorber]], list[SiteNote]]:
-        sites, rejected = find_sites(view)
-        notes = [SiteNote(label, False, reason) for label, reason in rejected]
-        usable = []
-        for site in sites:
-            absorber = find_absorber(view, site.value, site.channels)
-            if isinstance(absorber, str):
-                notes.append(SiteNote(site.label, False, absorber))
-            else:
-                usable.append((site, absorber))
-        return usable, notes
+        usable, rejected = absorbable_sites(view)
+        return usable, [SiteNote(label, False, reason) for label, reason in rejected]
 
     def stat_requests(self, view: GraphView, ctx: PassContext) -> list[StatRequest]:
         kinds = {StatKind.RANGE}
