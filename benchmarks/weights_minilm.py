@@ -43,7 +43,7 @@ warnings.filterwarnings("ignore")
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
-from onnxruntime import quantization as ortq  # noqa: E402
+from minilm_vs_ort import ListReader  # noqa: E402  (benchmarks/ is the script's folder; ORT's GPTQ deep-copies it)
 from onnxruntime.quantization import matmul_nbits_quantizer as mnb  # noqa: E402
 
 import qpass  # noqa: E402
@@ -150,22 +150,6 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
-
-class ListReader(ortq.CalibrationDataReader):
-    """The calibration batches, one feed each (ORT's GPTQ deep-copies and iterates it)."""
-
-    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
-        self.feeds = list(feeds)
-        self.i = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.i >= len(self.feeds):
-            return None
-        self.i += 1
-        return self.feeds[self.i - 1]
-
-    def rewind(self) -> None:
-        self.i = 0
 
 
 def ort_quantize(src: Path, dst: Path, algo: str, block: int, symmetric: bool, calib) -> float:
