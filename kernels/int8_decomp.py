@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import HAS_TRITON, cdiv, check_launchable, interpreting, tl, triton
+from kernels._triton import HAS_TRITON, cdiv, check_launchable, interpreting, tl, triton, use_triton
 from kernels.w8a8 import int8_gemm_reference, quantize_per_token_reference
 from qpass.errors import ConfigError
 
@@ -36,8 +36,48 @@ def int8_decomp_reference(
     """x[M, K] -> [M, N]: INT8 over the normal channels (w8_kn [K - Ko, N]) + float over w_out [Ko, N]."""
     x_n, x_o = split_columns(x, outliers)
     q, s = quantize_per_token_reference(x_n)
-    y = int8_gemm_reference(q, s, w8_kn, w_scale, bias, torch.float32)
-    return (y + x_o.to(torch.float32) @ w_out.to(torch.float32)).to(x.dtype)
+    return int8_decomp_gemm_reference(q, s, w8_kn, w_scale, x_o, w_out, bias, x.dtype)
+
+
+def int8_decomp_gemm_reference(
+    q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w8_kn: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_out: torch.Tensor,
+    w_out: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The CPU path of `int8_decomp_gemm`: `torch._int_mm` for the INT8 part, a float32 matmul for the rest."""
+    y = int8_gemm_reference(q, a_scale, w8_kn, w_scale, bias, torch.float32)
+    y.addmm_(x_out.to(torch.float32), w_out.to(torch.float32))
+    return y.to(out_dtype)
+
+
+@torch.library.custom_op("qpass::int8_decomp_gemm", mutates_args=())
+def int8_decomp_gemm(
+    q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w8_kn: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_out: torch.Tensor,
+    w_out: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """y[M, N] = (q @ w8_kn) * a_scale[:, None] * w_scale[None, :] + x_out @ w_out + bias.
+
+    Triton (one launch) on CUDA, the torch reference elsewhere.
+    """
+    if use_triton(q, w8_kn):
+        return int8_decomp_triton(q, a_scale, w8_kn, w_scale, x_out, w_out, bias, out_dtype)
+    return int8_decomp_gemm_reference(q, a_scale, w8_kn, w_scale, x_out, w_out, bias, out_dtype)
+
+
+@int8_decomp_gemm.register_fake
+def _(q, a_scale, w8_kn, w_scale, x_out, w_out, bias, out_dtype):
+    return q.new_empty((q.shape[0], w8_kn.shape[1]), dtype=out_dtype)
 
 
 if HAS_TRITON:

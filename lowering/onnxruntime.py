@@ -14,6 +14,10 @@ Which form a `QLinear` takes (the recipe's `lowering:` options, `OnnxLoweringCon
 - everything else with integer weights (INT4/INT8, groups, zero points, GPTQ act-order `g_idx`):
   com.microsoft MatMulNBits, or (`weight_op: dequantize_linear`) the opset-21 blocked
   DequantizeLinear + MatMul; activations, if quantized, are fake-quantized in float before it.
+- LLM.int8 decomposition (`QLinear.fp_channels`): Gather of the normal channels -> the per-token
+  MatMulInteger form above with the weight's normal rows, plus Gather of the outlier channels ->
+  float MatMul with their weight rows, and one Add. Both Gathers and the quantization are shared
+  by the linears reading the same activation; the weight row selections are done offline.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ def lower_linear_onnx(view, op: OpRef, q: QLinear, config: OnnxLoweringConfig | 
     if q.codes is None:
         if q.act is not None:
             node.replace_input_with(0, _act_float(view, node, q))
+        return
+    if q.fp_channels is not None:
+        _lower_decomposed(view, node, op, q)
         return
     dynamic = q.act is not None and q.act_qparams is None
     integer_ok = q.per_channel and q.zero_points is None and q.g_idx is None
@@ -252,6 +259,50 @@ def _lower_dynamic_integer(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
     by_row = _new_node(view, "Mul", [cast.outputs[0], xs], f"{op.name}_row_scale")
     by_col = _new_node(view, "Mul", [by_row.outputs[0], ws], f"{op.name}_col_scale")
     _replace_linear(view, node, [mm, cast, by_row, by_col])
+
+
+def _lower_decomposed(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
+    """The MatMulInteger form over x[..., normal] plus MatMul(x[..., outliers], W_out), added."""
+    dynamic_per_token = (
+        q.act is not None and q.act_qparams is None and q.act.granularity is ActGranularity.PER_TOKEN
+    )
+    if not (q.per_channel and q.zero_points is None and q.g_idx is None and dynamic_per_token):
+        msg = (
+            f"node '{op.name}': int8_decompose is lowered for symmetric per-channel weights and dynamic "
+            "per-token activations only (recipe keys 'weights', 'activations')"
+        )
+        raise UnsupportedOpError(msg)
+    x = node.inputs[0]
+    fp = q.fp_channels.numpy().astype(np.int64)
+    normal = np.setdiff1d(np.arange(q.codes.shape[1]), fp).astype(np.int64)
+    key = (x.name, "decomposed", q.act, fp.tobytes())
+    cache = view.lowered_inputs
+    if key not in cache:
+        idx_n = _const(view, f"{x.name}_normal_channels", normal)
+        idx_o = _const(view, f"{x.name}_outlier_channels", fp)
+        x_n = _new_node(view, "Gather", [x, idx_n], f"{x.name}_normal", axis=-1)
+        x_o = _new_node(view, "Gather", [x, idx_o], f"{x.name}_outliers", axis=-1)
+        codes, scale, nodes = _dynamic_codes(view, x_n.outputs[0], q)
+        shift = _const(view, f"{x.name}_normal_offset", np.asarray(128.0, np.float32))
+        shifted = _new_node(view, "Add", [codes, shift], f"{x.name}_normal_shift")
+        cast = _new_node(view, "Cast", [shifted.outputs[0]], f"{x.name}_normal_codes", to=ir.DataType.UINT8)
+        _insert_for_input(view, x, [x_n, x_o, *nodes, shifted, cast])
+        zp = _const(view, f"{x.name}_normal_zero_point", np.asarray(128, np.uint8))
+        cache[key] = (cast.outputs[0], scale, zp, x_o.outputs[0])
+    xq, xs, xzp, xo = cache[key]
+    w_name = node.inputs[1].name
+    codes_kn = q.codes.numpy().astype(np.int8)[:, normal].T  # [Kn, N]
+    wq = _const(view, f"{w_name}_quantized", codes_kn)
+    ws = _const(view, f"{w_name}_scale", q.scales.reshape(-1).numpy().astype(np.float32))
+    dtype = x.dtype.numpy() if x.dtype is not None else np.float32
+    wo = _const(view, f"{w_name}_outlier_rows", q.fp_weight.numpy().T.astype(dtype))  # [Ko, N]
+    mm = _new_node(view, "MatMulInteger", [xq, wq, xzp], f"{op.name}_int")
+    cast = _new_node(view, "Cast", [mm.outputs[0]], f"{op.name}_acc", to=ir.DataType.FLOAT)
+    by_row = _new_node(view, "Mul", [cast.outputs[0], xs], f"{op.name}_row_scale")
+    by_col = _new_node(view, "Mul", [by_row.outputs[0], ws], f"{op.name}_col_scale")
+    mm_fp = _new_node(view, "MatMul", [xo, wo], f"{op.name}_outliers")
+    add = _new_node(view, "Add", [by_col.outputs[0], mm_fp.outputs[0]], f"{op.name}_sum")
+    _replace_linear(view, node, [mm, cast, by_row, by_col, mm_fp, add])
 
 
 def _lower_matmulnbits(view, node: ir.Node, op: OpRef, q: QLinear, config: OnnxLoweringConfig) -> None:

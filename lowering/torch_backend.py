@@ -28,6 +28,7 @@ class LinearKernel(enum.Enum):
     W8A8_DYNAMIC = "w8a8_dynamic"  # per-token INT8 activations x per-channel INT8 weights, int32 GEMM
     W8A8_STATIC = "w8a8_static"  # per-tensor static INT8 activations x per-channel INT8 weights
     W4A16 = "w4a16"  # INT4 weights in groups, float activations (packed kernel on CUDA)
+    W8A8_DECOMP = "w8a8_decomp"  # W8A8_DYNAMIC over the normal channels + float GEMM over outlier ones
 
 
 def select_kernel(q: QLinear) -> LinearKernel:
@@ -37,6 +38,11 @@ def select_kernel(q: QLinear) -> LinearKernel:
     if not q.integer_weight:  # float / block formats (FP8, MX, NVFP4, BFP): reference path
         return LinearKernel.REFERENCE
     int8_weight = q.bits == 8 and q.zero_points is None and q.per_channel and q.g_idx is None
+    if q.fp_channels is not None:  # LLM.int8 decomposition (lowering/torch_decompose.py)
+        per_token = (
+            q.act is not None and q.act.format == "int8" and q.act.granularity is ActGranularity.PER_TOKEN
+        )
+        return LinearKernel.W8A8_DECOMP if int8_weight and per_token else LinearKernel.REFERENCE
     if int8_weight and q.act is not None and q.act.format == "int8":
         if q.act.dynamic and q.act.granularity is ActGranularity.PER_TOKEN:
             return LinearKernel.W8A8_DYNAMIC
@@ -188,6 +194,10 @@ def lower_linear_fx(view, op: OpRef, q: QLinear) -> None:
         from lowering.torch_corrections import CorrectedQuantLinear
 
         module = CorrectedQuantLinear(q, weight_fp, bias)
+    elif q.fp_channels is not None:  # LLM.int8 decomposition: an INT8 part and a float part
+        from lowering.torch_decompose import DecomposedQuantLinear
+
+        module = DecomposedQuantLinear(q, weight_fp, bias)
     else:
         module = QuantLinear(q, weight_fp, bias)
     name = _module_name(op)

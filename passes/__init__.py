@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from passes.awq import AWQ, AWQConfig
 from passes.base import PassContext, QPass
+from passes.decompose import Int8Decompose, Int8DecomposeConfig
 from passes.norm_fusion import FuseNorms, FuseNormsConfig
 from passes.reorder import Reorder, ReorderConfig
 from passes.rotate import Rotate, RotateConfig
@@ -20,6 +21,7 @@ PASSES: dict[str, tuple[type, type[QPass]]] = {
     "awq": (AWQConfig, AWQ),
     "reorder": (ReorderConfig, Reorder),
     "split_quant": (SplitQuantConfig, SplitQuant),
+    "int8_decompose": (Int8DecomposeConfig, Int8Decompose),
 }
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "AWQConfig",
     "FuseNorms",
     "FuseNormsConfig",
+    "Int8Decompose",
+    "Int8DecomposeConfig",
     "OSPlusConfig",
     "OutlierSuppressionPlus",
     "OutlierTune",

@@ -157,6 +157,8 @@ class QLinear:
     outlier_rows: torch.Tensor | None = None  # protected weights kept in float: int64 [k] rows,
     outlier_cols: torch.Tensor | None = None  # int64 [k] input channels,
     outlier_values: torch.Tensor | None = None  # float32 [k] values (their codes are the zero code)
+    fp_channels: torch.Tensor | None = None  # LLM.int8 decomposition: input channels kept float (int64 [k]),
+    fp_weight: torch.Tensor | None = None  # their weight columns, float32 [out, k] (codes there are 0)
 
     @property
     def has_corrections(self) -> bool:
@@ -170,6 +172,8 @@ class QLinear:
             w[self.outlier_rows, self.outlier_cols] += self.outlier_values
         if self.lorc_u is not None:
             w = w + self.lorc_u @ self.lorc_v
+        if self.fp_channels is not None:
+            w[:, self.fp_channels] = self.fp_weight
         return w
 
     @property
@@ -251,7 +255,13 @@ def plan_quantization(
         if op.kind is not OpKind.LINEAR or len(ref.const.shape) != 2:
             plan.notes.append(SiteNote(op.name, False, f"{op.op_type} quantization is not lowered yet"))
             continue
-        qlinear = _quantize_linear(view, op, ref, stats, wcfg, acfg, chosen.get(op.name))
+        fp_channels = view.float_channels(op)
+        if fp_channels is not None:  # int8_decompose chose float input channels for this layer
+            from passes.decompose import decomposed_qlinear
+
+            qlinear = decomposed_qlinear(view, op, ref, stats, wcfg, acfg, fp_channels)
+        else:
+            qlinear = _quantize_linear(view, op, ref, stats, wcfg, acfg, chosen.get(op.name))
         plan.edits.append(ReplaceWithQOp(op, qlinear, site=op.name))
         plan.notes.append(SiteNote(op.name, True, _describe(qlinear)))
     return plan
@@ -307,6 +317,8 @@ def _describe(q: QLinear) -> str:
         w += f"+lorc{q.lorc_u.shape[1]}"
     if q.outlier_values is not None:
         w += f"+{q.outlier_values.numel()} kept"
+    if q.fp_channels is not None:
+        w += f"+{q.fp_channels.numel()} fp channels"
     if q.act is None:
         return f"{w} a:fp"
     if q.act_qparams is not None:

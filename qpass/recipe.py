@@ -45,6 +45,12 @@ class Recipe:
     target: Literal["onnxruntime", "torch"] = "onnxruntime"
     lowering: OnnxLoweringConfig = field(default_factory=OnnxLoweringConfig)
 
+    def __post_init__(self) -> None:
+        for i, step in enumerate(self.passes):  # a pass config may constrain the rest of the recipe
+            check = getattr(step.config, "check_recipe", None)
+            if check is not None:
+                check(self, i)
+
     @property
     def quantizes(self) -> bool:
         return self.weights is not None or self.activations is not None

@@ -185,6 +185,20 @@ class AddBias:
 
 
 @dataclass(frozen=True)
+class KeepFloatChannels:
+    """Annotate a linear: quantization keeps these input channels (sorted int64) in float.
+
+    Changes nothing in the graph (the FP function is untouched); `plan_quantization` reads it
+    through `GraphView.float_channels` and splits the layer into an integer part over the other
+    channels plus a float part over these (LLM.int8 decomposition, `passes/decompose.py`).
+    """
+
+    op: OpRef
+    channels: torch.Tensor
+    site: str = ""
+
+
+@dataclass(frozen=True)
 class ReplaceWithQOp:
     """Replace a linear op by its quantized form; `qlinear` is a `qpass.qlinear.QLinear`."""
 
@@ -201,6 +215,7 @@ Edit = (
     | AddBias
     | InsertRotation
     | SplitOp
+    | KeepFloatChannels
     | ReplaceWithQOp
 )
 CONSTANT_EDITS = (
@@ -217,6 +232,7 @@ Edit = (
     | ReplaceWithQOp
     | PermuteChannels
     | SplitOp
+    | KeepFloatChannels
 )
 CONSTANT_EDITS = (
     ScaleChannels,
@@ -361,8 +377,18 @@ class GraphView(abc.ABC):
 
     def apply(self, plan: EditPlan) -> bool:
         """Apply every edit of the plan; return whether the graph changed."""
+        annotated = self.__dict__.get("_float_channels")
         for edit in plan.edits:
-            if isinstance(edit, ScaleChannels):
+            if annotated and not isinstance(edit, (KeepFloatChannels, ReplaceWithQOp)):
+                # channel indices recorded earlier would no longer name the same channels
+                msg = (
+                    f"pass '{plan.pass_name}' edits the graph after int8_decompose chose float channels; "
+                    "int8_decompose must be the last pass of a recipe"
+                )
+                raise PassError(msg)
+            if isinstance(edit, KeepFloatChannels):
+                self.__dict__.setdefault("_float_channels", {})[edit.op.name] = edit.channels
+            elif isinstance(edit, ScaleChannels):
                 self._scale(edit)
             elif isinstance(edit, ShiftChannels):
                 tensor = self.read(edit.const)
@@ -416,6 +442,10 @@ class GraphView(abc.ABC):
             msg = f"PermuteChannels on constant '{edit.const.name}' axis {axis}: not a permutation of {width}"
             raise PassError(msg)
         self.write(edit.const, tensor.index_select(axis, perm))
+
+    def float_channels(self, op: OpRef) -> torch.Tensor | None:
+        """The input channels a `KeepFloatChannels` annotation keeps in float for `op` (None: none)."""
+        return self.__dict__.get("_float_channels", {}).get(op.name)
 
     def invalidate(self) -> None:  # noqa: B027 - optional hook, most adapters keep no cache
         """Drop caches after the graph changed."""

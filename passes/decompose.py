@@ -1,0 +1,266 @@
+"""LLM.int8()-style outlier decomposition: a few input channels of a linear stay in float.
+
+    y = dequant(Q_tok(x[:, N]) @ Q(W[:, N])^T) + x[:, O] @ W[:, O]^T + b
+
+O is a fixed set of outlier input channels chosen from calibration, N the others. The per-token
+activation scales (and the per-channel weight scales) are computed over N only, so a massive
+channel no longer coarsens every other value of its token. LLM.int8 finds O per batch at run
+time; here it is fixed once per activation (every linear reading the activation gets the same
+set), which gives static shapes to the kernels and the ONNX graph.
+
+Which channels (`Int8DecomposeConfig`, exactly one criterion):
+- `threshold` (the default, 6.0, LLM.int8's value): calibrated max |x| >= threshold. It is
+  absolute, so it suits the inputs of pre-norm transformer linears whose normal features are
+  O(1) and is the paper's published rule;
+- `top_k`: the k largest channels by max |x| (a fixed float budget, e.g. for a kernel);
+- `ratio`: max |x| >= ratio * the median channel's max |x| (scale-free, for models whose
+  activations are not O(1)).
+At most `max_fraction` of a layer's channels go float (the largest ones): a layer whose inputs
+are all large (e.g. an un-normalised input) would otherwise run entirely in float.
+
+The pass itself changes nothing in the graph: it records the choice with a `KeepFloatChannels`
+annotation per linear (verified to leave the FP function unchanged, as any pass), and
+`plan_quantization` builds the split layer (`decomposed_qlinear`). Lowering: torch
+`DecomposedQuantLinear` (`qpass::int8_decomp_gemm`: Triton on CUDA, `torch._int_mm` on CPU),
+ONNX Gather + per-token MatMulInteger (u8 x s8) + Gather + MatMul + Add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from passes.base import PassContext, QPass
+from qpass.calibration import StatKind, StatRequest, Stats
+from qpass.errors import ConfigError
+from qpass.graph.view import (
+    EditPlan,
+    GraphView,
+    KeepFloatChannels,
+    OpKind,
+    OpRef,
+    SiteNote,
+    WeightRef,
+    iter_linear_ops,
+)
+from qpass.qconfig import INT_FORMATS, ActGranularity, ActivationQuantConfig, WeightQuantConfig
+
+DEFAULT_THRESHOLD = 6.0  # LLM.int8 (Dettmers et al., 2022): |x| >= 6 marks an outlier feature
+
+
+@dataclass(frozen=True)
+class Int8DecomposeConfig:
+    """Which input channels stay float: `threshold` (default 6.0) | `top_k` | `ratio`; at most
+    `max_fraction` of a layer's channels.
+    """
+
+    threshold: float | None = None
+    top_k: int | None = None
+    ratio: float | None = None
+    max_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("threshold", "top_k", "ratio") if getattr(self, k) is not None]
+        if len(given) > 1:
+            msg = (
+                f"recipe key 'int8_decompose.{given[1]}': give one of threshold | top_k | ratio, got {given}"
+            )
+            raise ConfigError(msg)
+        if self.threshold is not None and not self.threshold > 0:
+            msg = f"recipe key 'int8_decompose.threshold': must be > 0, got {self.threshold}"
+            raise ConfigError(msg)
+        if self.top_k is not None and self.top_k < 1:
+            msg = f"recipe key 'int8_decompose.top_k': must be >= 1, got {self.top_k}"
+            raise ConfigError(msg)
+        if self.ratio is not None and not self.ratio > 1:
+            msg = (
+                f"recipe key 'int8_decompose.ratio': must be > 1 (times the median channel), got {self.ratio}"
+            )
+            raise ConfigError(msg)
+        if not 0 < self.max_fraction <= 0.5:
+            msg = f"recipe key 'int8_decompose.max_fraction': must be in (0, 0.5], got {self.max_fraction}"
+            raise ConfigError(msg)
+
+    @property
+    def criterion(self) -> str:
+        if self.top_k is not None:
+            return f"top_k {self.top_k}"
+        if self.ratio is not None:
+            return f"max|x| >= {self.ratio:g} x median"
+        return f"max|x| >= {self.threshold if self.threshold is not None else DEFAULT_THRESHOLD:g}"
+
+    def check_recipe(self, recipe: Any, index: int) -> None:
+        """Called by `Recipe`: this pass must run last and needs per-token integer activations."""
+        if index != len(recipe.passes) - 1:
+            msg = (
+                f"recipe key 'passes[{index}]': int8_decompose must be the last pass (later passes "
+                f"would move the channels it chose); found '{recipe.passes[index + 1].name}' after it"
+            )
+            raise ConfigError(msg)
+        check_formats(recipe.weights, recipe.activations)
+
+
+def check_formats(wcfg: WeightQuantConfig | None, acfg: ActivationQuantConfig | None) -> None:
+    """The quantization a decomposed layer supports: INTn per-token dynamic activations and
+    symmetric per-channel INTn weights (RTN or GPTQ). No quantization at all is fine (FP pass).
+    """
+    if wcfg is None and acfg is None:
+        return
+    want = "{format: int8, granularity: per_token, dynamic: true}"
+    if acfg is None:
+        msg = (
+            f"recipe key 'activations': int8_decompose splits quantized activations; set activations: {want}"
+        )
+        raise ConfigError(msg)
+    if acfg.format not in INT_FORMATS:
+        msg = (
+            f"recipe key 'activations.format': int8_decompose needs integer activations, got {acfg.format!r}"
+        )
+        raise ConfigError(msg)
+    if acfg.granularity is not ActGranularity.PER_TOKEN or not acfg.dynamic:
+        msg = (
+            f"recipe key 'activations.granularity': int8_decompose supports dynamic per-token activations "
+            f"only ({want}), got {acfg.granularity.value}{' dynamic' if acfg.dynamic else ' static'}"
+        )
+        raise ConfigError(msg)
+    if wcfg is None:
+        msg = "recipe key 'weights': int8_decompose needs integer weights, e.g. weights: {format: int8}"
+        raise ConfigError(msg)
+    bad = [
+        ("format", wcfg.format not in INT_FORMATS, f"an integer format {INT_FORMATS}"),
+        ("group", wcfg.group is not None, "per output channel weights (group: null)"),
+        ("symmetric", not wcfg.symmetric, "symmetric weights"),
+        ("algo", wcfg.algo == "awq", "algo rtn or gptq (AWQ rescales channels after the choice)"),
+        ("lorc_rank", wcfg.lorc_rank > 0, "no low-rank term"),
+        ("protect", wcfg.protect != 0, "no protected weights"),
+        ("mixed", wcfg.mixed is not None, "one weight format"),
+    ]
+    for key, wrong, need in bad:
+        if wrong:
+            msg = f"recipe key 'weights.{key}': int8_decompose needs {need}"
+            raise ConfigError(msg)
+
+
+def select_channels(absmax: torch.Tensor, cfg: Int8DecomposeConfig) -> tuple[torch.Tensor, str]:
+    """Sorted int64 indices of the outlier channels of one activation, and what decided them."""
+    k = absmax.numel()
+    cap = max(1, int(cfg.max_fraction * k))
+    order = torch.argsort(absmax, descending=True, stable=True)
+    if cfg.top_k is not None:
+        n = cfg.top_k
+    elif cfg.ratio is not None:
+        n = int((absmax >= cfg.ratio * absmax.median()).sum())
+    else:
+        t = cfg.threshold if cfg.threshold is not None else DEFAULT_THRESHOLD
+        n = int((absmax >= t).sum())
+    why = cfg.criterion
+    if n > cap:
+        why += f", capped at max_fraction {cfg.max_fraction:g} ({n} -> {cap})"
+        n = cap
+    return torch.sort(order[:n]).values.to(torch.int64), why
+
+
+class Int8Decompose(QPass):
+    """Record, per linear, the input channels that quantization keeps in float (FP function unchanged)."""
+
+    name = "int8_decompose"
+
+    def stat_requests(self, view: GraphView, ctx: PassContext) -> list[StatRequest]:
+        inputs = dict.fromkeys(view.linear_input(op) for op in _linears(view))
+        return [StatRequest(v, frozenset({StatKind.RANGE})) for v in inputs]
+
+    def plan(self, view: GraphView, stats: Stats, ctx: PassContext) -> EditPlan:
+        plan = EditPlan(self.name)
+        chosen: dict[str, tuple[torch.Tensor, str]] = {}
+        for op in _linears(view):
+            ref = view.weight(op)
+            x = view.linear_input(op)
+            if len(ref.const.shape) != 2:
+                plan.notes.append(
+                    SiteNote(op.name, False, f"{len(ref.const.shape)}-D weight: not a plain linear")
+                )
+                continue
+            absmax = stats[x].absmax
+            if absmax.numel() != ref.in_features:
+                width = f"{absmax.numel()} input channels vs {ref.in_features} weight inputs"
+                plan.notes.append(SiteNote(op.name, False, width))
+                continue
+            if x.name not in chosen:  # one choice per activation, shared by the linears reading it
+                chosen[x.name] = select_channels(absmax, self.config)
+            channels, why = chosen[x.name]
+            if channels.numel() == 0:
+                top = float(absmax.max())
+                plan.notes.append(SiteNote(op.name, False, f"no outlier channel ({why}; largest {top:.3g})"))
+                continue
+            plan.edits.append(KeepFloatChannels(op, channels, site=op.name))
+            shown = channels.tolist()[:8]
+            more = f" (+{channels.numel() - 8})" if channels.numel() > 8 else ""
+            plan.notes.append(
+                SiteNote(
+                    op.name,
+                    True,
+                    f"{channels.numel()}/{ref.in_features} channels float {shown}{more}: {why}; "
+                    f"their max|x| {float(absmax[channels].min()):.3g}..{float(absmax[channels].max()):.3g}, "
+                    f"the rest <= {_rest_max(absmax, channels):.3g}",
+                )
+            )
+        return plan
+
+
+def _linears(view: GraphView) -> list[OpRef]:
+    return [op for op in iter_linear_ops(view) if op.kind is OpKind.LINEAR]
+
+
+def _rest_max(absmax: torch.Tensor, channels: torch.Tensor) -> float:
+    rest = torch.ones(absmax.numel(), dtype=torch.bool)
+    rest[channels] = False
+    return float(absmax[rest].max()) if rest.any() else 0.0
+
+
+def decomposed_qlinear(
+    view: GraphView,
+    op: OpRef,
+    ref: WeightRef,
+    stats: Stats | None,
+    wcfg: WeightQuantConfig | None,
+    acfg: ActivationQuantConfig | None,
+    channels: torch.Tensor,
+) -> Any:
+    """The QLinear of a decomposed layer: weight columns `channels` float, the rest quantized per
+    output channel over those columns only (codes 0 at `channels`); activations per token.
+    """
+    from passes.weight_quant import quantize_weight
+    from qpass.qconfig import format_bits
+    from qpass.qlinear import QLinear, canonical_weight, weight_spec
+
+    check_formats(wcfg, acfg)
+    if wcfg is None:  # nothing quantized (check_formats allows no other None): nothing to split
+        return QLinear(ref, None, None, None, None, None, 32, None, None)
+    w = canonical_weight(view.read(ref.const), ref)
+    normal = torch.ones(w.shape[1], dtype=torch.bool)
+    normal[channels] = False
+    xtx = None
+    if wcfg.needs_hessian:
+        xtx = stats[view.linear_input(op)].xtx
+        xtx = xtx[normal][:, normal]
+    spec = weight_spec(wcfg)
+    lw = quantize_weight(w[:, normal], wcfg, spec, xtx, layer=op.name)
+    qw = lw.qweight
+    codes = torch.zeros(w.shape, dtype=qw.codes.dtype)
+    codes[:, normal] = qw.codes
+    return QLinear(
+        ref,
+        codes,
+        qw.scales.to(torch.float32),
+        None,
+        None,
+        None,
+        format_bits(wcfg.format),
+        acfg,
+        None,
+        qw.spec,
+        fp_channels=channels.to(torch.int64),
+        fp_weight=w[:, channels].to(torch.float32).contiguous(),
+    )
