@@ -42,6 +42,7 @@ LOWERED_OP = {  # the op that shows the recipe took its intended form
     "w4a8-rotate": "HadamardTransform1536",
     "w4a4-rotate": "HadamardTransform1536",
     "w4a4-duquant": "MatMulInteger",
+    "w8a8-int8decomp": "MatMulInteger",
 }
 SUBSET = ("w8a8", "w8a8-dynamic", "w4a16", "w4a8-rotate")
 ALL = os.environ.get("QPASS_ALL_RECIPES") == "1"
