@@ -24,8 +24,11 @@ from qpass import zoo
 from qpass.errors import ConfigError, PassError
 from qpass.graph.view import KeepFloatChannels
 from qpass.pass_manager import max_relative_error, run_pass
+from qpass.qconfig import ActGranularity, ActivationQuantConfig, WeightQuantConfig
+from qpass.qlinear import plan_quantization
 from qpass.recipe import Recipe
 
+A8_CFG = {"format": "int8", "granularity": ActGranularity.PER_TOKEN, "dynamic": True}
 W8A8 = {
     "weights": {"format": "int8", "symmetric": True},
     "activations": {"format": "int8", "granularity": "per_token", "dynamic": True},
@@ -221,12 +224,16 @@ def test_recipe_and_bad_configs():
         Recipe.from_dict({"passes": [*step, {"smooth_quant": {}}], **W8A8})
 
 
-def test_later_edits_refused(llama_case):
-    """Direct API use: a pass that edits after the channel choice would make it stale."""
+def test_stale_choice_refused(llama_case):
+    """Direct API use: a pass that edits after the channel choice (FP still exact) makes the
+    choice stale; quantizing with it is refused.
+    """
     view = llama_case.view("fx", Path("."))
     run_pass(view, Int8Decompose(Int8DecomposeConfig()), llama_case.batches, PassContext())
+    res = run_pass(view, SmoothQuant(SmoothQuantConfig()), llama_case.batches, PassContext(), verify=True)
+    assert res.plan.edits
     with pytest.raises(PassError, match="must be the last pass"):
-        run_pass(view, SmoothQuant(SmoothQuantConfig()), llama_case.batches, PassContext())
+        plan_quantization(view, None, WeightQuantConfig(), ActivationQuantConfig(**A8_CFG))
 
 
 @pytest.mark.slow

@@ -377,17 +377,15 @@ class GraphView(abc.ABC):
 
     def apply(self, plan: EditPlan) -> bool:
         """Apply every edit of the plan; return whether the graph changed."""
-        annotated = self.__dict__.get("_float_channels")
+        state = self.__dict__
+        if any(not isinstance(e, (KeepFloatChannels, ReplaceWithQOp)) for e in plan.edits):
+            state["_graph_edits"] = state.get("_graph_edits", 0) + 1  # stamps KeepFloatChannels
         for edit in plan.edits:
-            if annotated and not isinstance(edit, (KeepFloatChannels, ReplaceWithQOp)):
-                # channel indices recorded earlier would no longer name the same channels
-                msg = (
-                    f"pass '{plan.pass_name}' edits the graph after int8_decompose chose float channels; "
-                    "int8_decompose must be the last pass of a recipe"
-                )
-                raise PassError(msg)
             if isinstance(edit, KeepFloatChannels):
-                self.__dict__.setdefault("_float_channels", {})[edit.op.name] = edit.channels
+                state.setdefault("_float_channels", {})[edit.op.name] = (
+                    edit.channels,
+                    state.get("_graph_edits", 0),
+                )
             elif isinstance(edit, ScaleChannels):
                 self._scale(edit)
             elif isinstance(edit, ShiftChannels):
@@ -444,8 +442,19 @@ class GraphView(abc.ABC):
         self.write(edit.const, tensor.index_select(axis, perm))
 
     def float_channels(self, op: OpRef) -> torch.Tensor | None:
-        """The input channels a `KeepFloatChannels` annotation keeps in float for `op` (None: none)."""
-        return self.__dict__.get("_float_channels", {}).get(op.name)
+        """The input channels a `KeepFloatChannels` annotation keeps in float for `op` (None: none).
+
+        Raises when a later plan edited the graph: channel indices recorded before a permutation,
+        rotation or split would no longer name the same channels.
+        """
+        channels, stamp = self.__dict__.get("_float_channels", {}).get(op.name, (None, 0))
+        if channels is not None and stamp != self.__dict__.get("_graph_edits", 0):
+            msg = (
+                f"float channels chosen for '{op.name}' are stale: a pass edited the graph after "
+                "int8_decompose; int8_decompose must be the last pass"
+            )
+            raise PassError(msg)
+        return channels
 
     def invalidate(self) -> None:  # noqa: B027 - optional hook, most adapters keep no cache
         """Drop caches after the graph changed."""
