@@ -157,6 +157,24 @@ def test_onnx_matches_torch_and_uses_integer_ops(quantized, llama_case):
     assert ops.count("MatMul") - plain_ops.count("MatMul") == n_linear
 
 
+def test_w4a8_reference_path_matches_onnx(llama_case, onnx_dir):
+    """INT4 per-channel weights have no integer kernel on torch: the fake-quant reference of the same
+    math runs, and equals the ONNX lowering (MatMulInteger takes the int4 codes as int8).
+    """
+    from lowering.torch_backend import LinearKernel
+    from lowering.torch_decompose import DecomposedQuantLinear
+
+    recipe = {"passes": [{"int8_decompose": {}}], **W8A8, "weights": {"format": "int4", "symmetric": True}}
+    calib = llama_case.batches[:-1]
+    fx = qpass.quantize_with_report(llama_case.model, recipe, calib)
+    mods = [m for m in fx.model.modules() if isinstance(m, DecomposedQuantLinear)]
+    assert mods and all(m.kernel is LinearKernel.REFERENCE for m in mods)
+    onnx_calib = {"x": np.concatenate([b.numpy() for b in calib])}
+    ox = qpass.quantize_with_report(str(llama_case.onnx_path(onnx_dir)), recipe, onnx_calib)
+    x = llama_case.batches[-1]
+    assert max_relative_error([_run(fx, "fx", x)], [_run(ox, "onnx", x)]) <= 1e-4
+
+
 def test_torch_kernel_wiring(quantized, llama_case):
     """CPU: qpass::int8_decomp_gemm's torch._int_mm path equals the fake-quant reference; the Triton
     kernel (interpreted here) computes the same from the module's own operands.
