@@ -15,7 +15,7 @@ Run: PYTHONPATH=. python benchmarks/reorder_split.py  -> benchmarks/results/reor
 SplitQuant: MiniLM with weight-only RTN (INT4 per row, INT2 in groups of 32, the embedding
 table left FP), with and without the split_quant pass; held-out sentence-embedding cosine
 against FP32 (`zoo.embedding_agreement`), torch target.
-LLM.int8 decomposition is not measured here (not implemented yet).
+LLM.int8 decomposition is measured in benchmarks/decompose.py.
 """
 
 from __future__ import annotations
