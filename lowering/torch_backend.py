@@ -3,8 +3,12 @@
 Each module picks its kernel once (`LinearKernel`, from the QLinear's formats): INT8 weights with
 INT8 activations run a real integer GEMM (`qpass::int8_gemm`: Triton on CUDA, `torch._int_mm` on
 CPU) after quantizing activations (`qpass::quantize_per_token`, or a static per-tensor rule);
-INT4 weight-only layers run `qpass::w4a16_gemm` on CUDA. Everything else takes the reference
-path: activations fake-quantized, the weight dequantized once and cached.
+INT4 weight-only layers run `qpass::w4a16_gemm` on CUDA, MXFP4 / MXFP8 (E4M3) / NVFP4 weights
+`qpass::mx_gemm` (elements and block scales decoded in registers; activations, if quantized,
+fake-quantized in their own blocks first). On CPU those two keep a dequantized float weight and
+run the reference path, which is faster there; saving writes only the packed form.
+Everything else takes the reference path: activations fake-quantized, the weight dequantized
+once and cached.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from qpass.formats import ScaleType
 from qpass.graph.view import OpRef
 from qpass.qconfig import ActGranularity
 from qpass.qlinear import QLinear, canonical_weight, dequantize_weight, fake_quant_act
@@ -28,14 +33,15 @@ class LinearKernel(enum.Enum):
     W8A8_DYNAMIC = "w8a8_dynamic"  # per-token INT8 activations x per-channel INT8 weights, int32 GEMM
     W8A8_STATIC = "w8a8_static"  # per-tensor static INT8 activations x per-channel INT8 weights
     W4A16 = "w4a16"  # INT4 weights in groups, float activations (packed kernel on CUDA)
+    MX = "mx"  # MXFP4 / MXFP8 (E4M3) / NVFP4 weights, block scales decoded in the kernel (CUDA)
 
 
 def select_kernel(q: QLinear) -> LinearKernel:
     """The fastest path whose result equals the reference up to float summation order."""
     if q.codes is None:
         return LinearKernel.REFERENCE
-    if not q.integer_weight:  # float / block formats (FP8, MX, NVFP4, BFP): reference path
-        return LinearKernel.REFERENCE
+    if not q.integer_weight:  # float / block formats: the MX kernel where it decodes them
+        return LinearKernel.MX if mx_kernel_fits(q) else LinearKernel.REFERENCE
     int8_weight = q.bits == 8 and q.zero_points is None and q.per_channel and q.g_idx is None
     if int8_weight and q.act is not None and q.act.format == "int8":
         if q.act.dynamic and q.act.granularity is ActGranularity.PER_TOKEN:
@@ -45,6 +51,20 @@ def select_kernel(q: QLinear) -> LinearKernel:
     if q.bits <= 4 and q.act is None:
         return LinearKernel.W4A16
     return LinearKernel.REFERENCE
+
+
+def mx_kernel_fits(q: QLinear) -> bool:
+    """Elements and scales `kernels.mx_gemm` decodes, blocks along the input channels, no g_idx."""
+    from kernels.mx_gemm import MX_ELEMENTS, MX_SCALES
+
+    spec = q.spec
+    if spec is None or q.codes is None or q.g_idx is not None or q.group_size is None:
+        return False
+    if spec.element not in MX_ELEMENTS or spec.scale_type not in MX_SCALES:
+        return False
+    if spec.scale_type is ScaleType.E4M3 and q.tensor_scale is None:
+        return False
+    return q.act is None or q.act.dynamic
 
 
 class QuantLinear(torch.nn.Module):
@@ -70,6 +90,8 @@ class QuantLinear(torch.nn.Module):
         self.act = q.act
         self.act_qparams = q.act_qparams
         self.kernel = select_kernel(q)
+        self.spec = q.spec
+        self.tensor_scale = q.tensor_scale
         # True while saving: forward reads only the saved (packed) state, never the float cache
         self.packed_only = False
         self._init_kernel_buffers()
@@ -99,6 +121,13 @@ class QuantLinear(torch.nn.Module):
             symmetric = self.weight_zero_points is None
             self.register_buffer("_packed", pack_int4(self.weight_codes, symmetric), persistent=False)
             self._w4_group = self.group_size or self.weight_codes.shape[1]
+        if self.kernel is LinearKernel.MX:
+            from kernels.mx_gemm import pack_mx_codes
+
+            mx = pack_mx_codes(self.weight_codes, self.weight_scales, self.spec, self.tensor_scale)
+            self.register_buffer("_mx_data", mx.data, persistent=False)
+            self.register_buffer("_mx_scale_bits", mx.scale_bits, persistent=False)
+            self._mx = mx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is LinearKernel.W8A8_DYNAMIC:
@@ -107,6 +136,8 @@ class QuantLinear(torch.nn.Module):
             return self._forward_w8a8(x, self.act_qparams)
         if self.kernel is LinearKernel.W4A16 and (x.is_cuda or self.packed_only):
             return self._forward_w4a16(x)
+        if self.kernel is LinearKernel.MX and (x.is_cuda or self.packed_only):
+            return self._forward_mx(x)
         return self._forward_reference(x)
 
     def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -141,6 +172,26 @@ class QuantLinear(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, -1)
+
+    def _forward_mx(self, x: torch.Tensor) -> torch.Tensor:
+        import kernels.mx_gemm  # noqa: F401 - registers torch.ops.qpass.mx_gemm
+
+        dtype, lead, k = x.dtype, x.shape[:-1], x.shape[-1]
+        if self.act is not None:
+            x = fake_quant_act(x.to(torch.float32), self.act, None)
+        mx = self._mx
+        y = torch.ops.qpass.mx_gemm(
+            x.reshape(-1, k),
+            self._mx_data,
+            self._mx_scale_bits,
+            mx.tensor_scale,
+            int(mx.element),
+            int(mx.scale),
+            mx.group,
+        )
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, -1).to(dtype)
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -157,6 +157,7 @@ class QLinear:
     outlier_rows: torch.Tensor | None = None  # protected weights kept in float: int64 [k] rows,
     outlier_cols: torch.Tensor | None = None  # int64 [k] input channels,
     outlier_values: torch.Tensor | None = None  # float32 [k] values (their codes are the zero code)
+    tensor_scale: float | None = None  # NVFP4's second-level scale (scales include it)
 
     @property
     def has_corrections(self) -> bool:
@@ -293,6 +294,7 @@ def _quantize_linear(
     if spec is not None and spec.granularity is Granularity.PER_GROUP:
         group = spec.group_size
     q = QLinear(ref, codes, scales, zeros, g_idx, group, bits, acfg, qp, spec)
+    q.tensor_scale = qw.tensor_scale if wcfg is not None else None
     if lw is not None:
         q.lorc_u, q.lorc_v = lw.lorc_u, lw.lorc_v
         q.outlier_rows, q.outlier_cols, q.outlier_values = lw.outlier_rows, lw.outlier_cols, lw.outlier_values
