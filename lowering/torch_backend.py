@@ -82,6 +82,8 @@ class QuantLinear(torch.nn.Module):
         )
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("weight_g_idx", q.g_idx)
+        # set by `fuse_rotations_into_quantize`: the input is rotated by diag(signs) H first
+        self.register_buffer("rotation_signs", None)
         w = weight_fp if q.codes is None else q.dequantized_weight()
         self.register_buffer("_weight", w.contiguous(), persistent=False)
         self.bits, self.group_size = q.bits, q.group_size
@@ -148,7 +150,10 @@ class QuantLinear(torch.nn.Module):
 
         lead, k = x.shape[:-1], x.shape[-1]
         rows = x.reshape(-1, k)
-        if qp is None:
+        if qp is None and self.rotation_signs is not None:
+            q, a_scale = torch.ops.qpass.quantize_per_token_hadamard(rows, self.rotation_signs)
+            bias = None if self.bias is None else self.bias.to(torch.float32)
+        elif qp is None:
             q, a_scale = torch.ops.qpass.quantize_per_token(rows)
             bias = None if self.bias is None else self.bias.to(torch.float32)
         else:
@@ -195,6 +200,10 @@ class QuantLinear(torch.nn.Module):
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.rotation_signs is not None:
+            from kernels.hadamard import hadamard_reference
+
+            x = hadamard_reference(x, self.rotation_signs)
         if self.act is not None:
             x = fake_quant_act(x.to(torch.float32), self.act, self.act_qparams)
         bias = None if self.bias is None else self.bias.to(torch.float32)
@@ -222,6 +231,43 @@ class QuantLinear(torch.nn.Module):
         a = "fp" if self.act is None else f"{self.act.format} {self.act.granularity.value}"
         a += " dynamic" if self.act is not None and self.act.dynamic else ""
         return f"out={out}, in={inp}, weight={w}, act={a}, kernel={self.kernel.value}"
+
+
+def fuse_rotations_into_quantize(gm: fx.GraphModule) -> int:
+    """Fold each online Hadamard (`qpass::hadamard_transform`) whose only reader is a per-token
+    W8A8 QuantLinear into that module's activation quantizer (`quantize_per_token_hadamard`: one
+    fused kernel on CUDA, the same references in sequence on CPU, so the result is unchanged).
+    Power-of-two sizes only, as the fused kernel; returns how many were fused.
+    """
+    import kernels.hadamard  # noqa: F401 - the op the pattern matches
+
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.qpass.hadamard_transform.default:
+            continue
+        src, signs_attr = node.args
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or signs_attr.op != "get_attr":
+            continue
+        module = gm.get_submodule(str(users[0].target))
+        signs = getattr(gm, str(signs_attr.target), None)
+        if not isinstance(module, QuantLinear) or module.kernel is not LinearKernel.W8A8_DYNAMIC:
+            continue
+        n = signs.numel() if signs is not None else 0
+        if n == 0 or n & (n - 1) or module.rotation_signs is not None:
+            continue
+        module.rotation_signs = signs.detach().to(torch.float32).clone()
+        users[0].replace_input_with(node, src)
+        gm.graph.erase_node(node)
+        if not signs_attr.users:
+            gm.graph.erase_node(signs_attr)
+            if not any(n.op == "get_attr" and n.target == signs_attr.target for n in gm.graph.nodes):
+                _delete_attr(gm, str(signs_attr.target))
+        fused += 1
+    if fused:
+        gm.graph.lint()
+        gm.recompile()
+    return fused
 
 
 def _module_name(op: OpRef) -> str:

@@ -88,6 +88,10 @@ def quantize_with_report(
         plan = plan_quantization(view, stats, recipe.weights, recipe.activations, batches)
         view.apply(plan)
         report.results.append(PassResult("quantize", plan))
+        if isinstance(view, FxGraphView):
+            from lowering.torch_backend import fuse_rotations_into_quantize
+
+            fuse_rotations_into_quantize(view.gm)
     if isinstance(view, OnnxGraphView):
         from lowering.onnx_finalize import finalize_onnx
 
