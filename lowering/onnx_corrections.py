@@ -32,8 +32,12 @@ def add_corrections(view, node: ir.Node, q: QLinear, x: ir.Value, new_node) -> N
     nodes: list[ir.Node] = []
     base = node.name
     if q.lorc_u is not None:
-        vt = view.add_initializer(f"{base}_lorc_vt", np.ascontiguousarray(q.lorc_v.T.numpy().astype(np.float32)))
-        ut = view.add_initializer(f"{base}_lorc_ut", np.ascontiguousarray(q.lorc_u.T.numpy().astype(np.float32)))
+        vt = view.add_initializer(
+            f"{base}_lorc_vt", np.ascontiguousarray(q.lorc_v.T.numpy().astype(np.float32))
+        )
+        ut = view.add_initializer(
+            f"{base}_lorc_ut", np.ascontiguousarray(q.lorc_u.T.numpy().astype(np.float32))
+        )
         down = new_node(view, "MatMul", [x, vt], f"{base}_lorc_down")
         up = new_node(view, "MatMul", [down.outputs[0], ut], f"{base}_lorc_up")
         nodes += [down, up]
