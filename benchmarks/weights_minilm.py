@@ -426,9 +426,11 @@ def merge(paths: Sequence[str], out: Path) -> None:
     """Combine partial runs (parts split over processes) into one results file; embedding rows in table order."""
     res: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
-    for p in paths:
+    for p in paths:  # a later part's row replaces an earlier one with the same label
         part = json.loads(Path(p).read_text())
-        rows += part.pop("embeddings", [])
+        new = part.pop("embeddings", [])
+        labels = {r["label"] for r in new}
+        rows = [r for r in rows if r["label"] not in labels] + new
         res.update({k: v for k, v in part.items() if k not in res or k in ("per_layer", "gptq_big")})
     order = [label for label, _, _ in QPASS_RECIPES] + [label for label, *_ in ORT_RUNS]
     if rows:
