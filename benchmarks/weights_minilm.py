@@ -312,6 +312,7 @@ def gptq_big(n_out: int, n_in: int, tokens: int, seed: int = 0) -> dict[str, Any
         out[f"{key}_err"] = layer_error(w, qw.dequantized(), h)
         print(f"  gptq {key}: {out[f'{key}_s']:.1f}s", flush=True)
     out["rtn_err"] = layer_error(w, rtn(w, spec).dequantized(), h)
+    out["loadavg"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return out
 
 
@@ -390,6 +391,12 @@ def markdown(res: dict[str, Any]) -> str:
                 + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
                 + ".",
             ]
+        lines += [
+            "",
+            "qpass's symmetric INT4 uses the narrow range [-7, 7] (`qpass.formats`); ORT's symmetric INT4 "
+            "uses [-8, 7], which is why ORT's symmetric RTN beats qpass's. The asymmetric rows compare "
+            "the same grid. `quantize s` includes calibration and is wall time on a shared machine.",
+        ]
         lines.append("")
     if "gptq_big" in res:
         g = res["gptq_big"]
@@ -398,7 +405,7 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             f"W `[out={g['shape'][0]}, in={g['shape'][1]}]`, INT4 g128 symmetric, Hessian from {g['tokens']} "
             f"synthetic tokens (log-normal channel scales, 0.5% outlier channels x30, rank-32 shared part); "
-            f"{g['threads']} torch threads, machine shared with other jobs (load {res['loadavg']}).",
+            f"{g['threads']} torch threads, load average {g.get('loadavg', res['loadavg'])} when it ran.",
             "",
             "| variant | seconds | rel. output error | RTN error |",
             "|---|---:|---:|---:|",
@@ -407,7 +414,9 @@ def markdown(res: dict[str, Any]) -> str:
             f"| act-order + static groups | {g['act_order_static_s']:.1f} | {g['act_order_static_err']:.3e} "
             f"| {g['rtn_err']:.3e} |",
             "",
-            f"Building the Hessian (not counted) took {g['hessian_s']:.1f} s.",
+            f"Building the Hessian (not counted) took {g['hessian_s']:.1f} s. The errors are in-sample "
+            f"(the H GPTQ minimised): {g['tokens']} tokens give H rank <= {g['tokens']} < {g['shape'][1]} inputs, "
+            "so GPTQ can put its error where the data has no energy; section 1 has held-out layer errors.",
             "",
         ]
     return "\n".join(lines)
@@ -417,9 +426,11 @@ def merge(paths: Sequence[str], out: Path) -> None:
     """Combine partial runs (parts split over processes) into one results file; embedding rows in table order."""
     res: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
-    for p in paths:
+    for p in paths:  # a later part's row replaces an earlier one with the same label
         part = json.loads(Path(p).read_text())
-        rows += part.pop("embeddings", [])
+        new = part.pop("embeddings", [])
+        labels = {r["label"] for r in new}
+        rows = [r for r in rows if r["label"] not in labels] + new
         res.update({k: v for k, v in part.items() if k not in res or k in ("per_layer", "gptq_big")})
     order = [label for label, _, _ in QPASS_RECIPES] + [label for label, *_ in ORT_RUNS]
     if rows:

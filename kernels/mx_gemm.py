@@ -17,7 +17,9 @@ import torch
 from kernels._triton import HAS_TRITON, cdiv, check_launchable, interpreting, tl, triton, use_triton
 from kernels.w4a16 import pack_int4, unpack_int4
 from qpass.errors import ConfigError
-from qpass.formats import ElementType, QuantizedTensor, ScaleType, decode_e8m0, decode_float
+from qpass.formats import ElementType, QuantizedTensor, QuantSpec, ScaleType, decode_e8m0, decode_float
+from qpass.formats.e8m0 import encode_e8m0
+from qpass.formats.elements import encode_float
 
 
 class MxElement(enum.IntEnum):
@@ -34,8 +36,8 @@ class MxScale(enum.IntEnum):
     E4M3 = 1
 
 
-_ELEMENTS = {ElementType.FP4_E2M1: MxElement.FP4_E2M1, ElementType.FP8_E4M3: MxElement.FP8_E4M3}
-_SCALES = {ScaleType.E8M0: MxScale.E8M0, ScaleType.E4M3: MxScale.E4M3}
+MX_ELEMENTS = {ElementType.FP4_E2M1: MxElement.FP4_E2M1, ElementType.FP8_E4M3: MxElement.FP8_E4M3}
+MX_SCALES = {ScaleType.E8M0: MxScale.E8M0, ScaleType.E4M3: MxScale.E4M3}
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,13 @@ class MxWeight:
 def pack_mx_weight(qt: QuantizedTensor) -> MxWeight:
     """A `qpass.formats` MXFP4 / MXFP8 (E4M3) / NVFP4 quantized [N, K] weight in kernel layout."""
     spec = qt.spec
-    if qt.codes.dim() != 2 or spec.element not in _ELEMENTS or spec.scale_type not in _SCALES:
+    if qt.codes.dim() != 2 or spec.element not in MX_ELEMENTS or spec.scale_type not in MX_SCALES:
         msg = (
             f"mx_gemm: expects an [N, K] mxfp4, mxfp8 (e4m3) or nvfp4 weight, got {spec.element.value} "
             f"with {spec.scale_type.value} scales, shape {tuple(qt.codes.shape)}"
         )
         raise ConfigError(msg)
-    element = _ELEMENTS[spec.element]
+    element = MX_ELEMENTS[spec.element]
     data = pack_int4(qt.codes, symmetric=False) if element is MxElement.FP4_E2M1 else qt.codes.contiguous()
     ts = 1.0 if qt.tensor_scale is None else float(qt.tensor_scale)
     return MxWeight(
@@ -68,9 +70,39 @@ def pack_mx_weight(qt: QuantizedTensor) -> MxWeight:
         qt.scale_bits.contiguous(),
         ts,
         element,
-        _SCALES[spec.scale_type],
+        MX_SCALES[spec.scale_type],
         spec.group_size,
         qt.codes.shape[1],
+    )
+
+
+def pack_mx_codes(
+    codes: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, tensor_scale: float | None
+) -> MxWeight:
+    """The kernel layout from decoded per-block scales (a `QLinear`'s codes and float32 scales).
+
+    E8M0 scales are exact powers of two; NVFP4's are e4m3 values times `tensor_scale`, so
+    dividing by it and rounding to E4M3 recovers the byte the quantizer chose.
+    """
+    if spec.scale_type is ScaleType.E8M0:
+        bits = encode_e8m0(scales.to(torch.float32))
+        ts = 1.0
+    else:
+        if tensor_scale is None:
+            msg = "mx_gemm: NVFP4 (E4M3 scales) needs the tensor scale"
+            raise ConfigError(msg)
+        bits = encode_float(scales.to(torch.float32) / tensor_scale, ElementType.FP8_E4M3)
+        ts = float(tensor_scale)
+    element = MX_ELEMENTS[spec.element]
+    data = pack_int4(codes, symmetric=False) if element is MxElement.FP4_E2M1 else codes.contiguous()
+    return MxWeight(
+        data,
+        bits.to(torch.uint8).contiguous(),
+        ts,
+        element,
+        MX_SCALES[spec.scale_type],
+        spec.group_size,
+        codes.shape[1],
     )
 
 

@@ -71,6 +71,23 @@ def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
+@torch.library.custom_op("qpass::quantize_per_token_hadamard", mutates_args=())
+def quantize_per_token_hadamard(x: torch.Tensor, signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_token(x @ diag(signs) H_K), K a power of two: one fused Triton pass on CUDA
+    (the rotated row never leaves registers), the two references in sequence elsewhere.
+    """
+    if use_triton(x, signs):
+        return quantize_per_token_triton(x, signs)
+    from kernels.hadamard import hadamard_reference
+
+    return quantize_per_token_reference(hadamard_reference(x, signs))
+
+
+@quantize_per_token_hadamard.register_fake
+def _(x: torch.Tensor, signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
 @torch.library.custom_op("qpass::int8_gemm", mutates_args=())
 def int8_gemm(
     q: torch.Tensor,

@@ -69,6 +69,11 @@ def lower_linear_onnx(view, op: OpRef, q: QLinear, config: OnnxLoweringConfig | 
     if q.fp_channels is not None:
         _lower_decomposed(view, node, op, q)
         return
+    if q.has_corrections:  # LoRC / kept weights: an Add of small float terms after the linear
+        from lowering.onnx_corrections import add_corrections
+
+        x_corr = _act_float(view, node, q) if q.act is not None else node.inputs[0]
+        add_corrections(view, node, q, x_corr, _new_node)
     dynamic = q.act is not None and q.act_qparams is None
     integer_ok = q.per_channel and q.zero_points is None and q.g_idx is None
     if config.weight_op is WeightOp.AUTO and integer_ok and dynamic:

@@ -3,8 +3,12 @@
 Each module picks its kernel once (`LinearKernel`, from the QLinear's formats): INT8 weights with
 INT8 activations run a real integer GEMM (`qpass::int8_gemm`: Triton on CUDA, `torch._int_mm` on
 CPU) after quantizing activations (`qpass::quantize_per_token`, or a static per-tensor rule);
-INT4 weight-only layers run `qpass::w4a16_gemm` on CUDA. Everything else takes the reference
-path: activations fake-quantized, the weight dequantized once and cached.
+INT4 weight-only layers run `qpass::w4a16_gemm` on CUDA, MXFP4 / MXFP8 (E4M3) / NVFP4 weights
+`qpass::mx_gemm` (elements and block scales decoded in registers; activations, if quantized,
+fake-quantized in their own blocks first). On CPU those two keep a dequantized float weight and
+run the reference path, which is faster there; saving writes only the packed form.
+Everything else takes the reference path: activations fake-quantized, the weight dequantized
+once and cached.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from qpass.formats import ScaleType
 from qpass.graph.view import OpRef
 from qpass.qconfig import ActGranularity
 from qpass.qlinear import QLinear, canonical_weight, dequantize_weight, fake_quant_act
@@ -29,14 +34,15 @@ class LinearKernel(enum.Enum):
     W8A8_STATIC = "w8a8_static"  # per-tensor static INT8 activations x per-channel INT8 weights
     W4A16 = "w4a16"  # INT4 weights in groups, float activations (packed kernel on CUDA)
     W8A8_DECOMP = "w8a8_decomp"  # W8A8_DYNAMIC over the normal channels + float GEMM over outlier ones
+    MX = "mx"  # MXFP4 / MXFP8 (E4M3) / NVFP4 weights, block scales decoded in the kernel (CUDA)
 
 
 def select_kernel(q: QLinear) -> LinearKernel:
     """The fastest path whose result equals the reference up to float summation order."""
     if q.codes is None:
         return LinearKernel.REFERENCE
-    if not q.integer_weight:  # float / block formats (FP8, MX, NVFP4, BFP): reference path
-        return LinearKernel.REFERENCE
+    if not q.integer_weight:  # float / block formats: the MX kernel where it decodes them
+        return LinearKernel.MX if mx_kernel_fits(q) else LinearKernel.REFERENCE
     int8_weight = q.bits == 8 and q.zero_points is None and q.per_channel and q.g_idx is None
     if q.fp_channels is not None:  # LLM.int8 decomposition (lowering/torch_decompose.py)
         per_token = (
@@ -51,6 +57,20 @@ def select_kernel(q: QLinear) -> LinearKernel:
     if q.bits <= 4 and q.act is None:
         return LinearKernel.W4A16
     return LinearKernel.REFERENCE
+
+
+def mx_kernel_fits(q: QLinear) -> bool:
+    """Elements and scales `kernels.mx_gemm` decodes, blocks along the input channels, no g_idx."""
+    from kernels.mx_gemm import MX_ELEMENTS, MX_SCALES
+
+    spec = q.spec
+    if spec is None or q.codes is None or q.g_idx is not None or q.group_size is None:
+        return False
+    if spec.element not in MX_ELEMENTS or spec.scale_type not in MX_SCALES:
+        return False
+    if spec.scale_type is ScaleType.E4M3 and q.tensor_scale is None:
+        return False
+    return q.act is None or q.act.dynamic
 
 
 class QuantLinear(torch.nn.Module):
@@ -68,6 +88,8 @@ class QuantLinear(torch.nn.Module):
         )
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("weight_g_idx", q.g_idx)
+        # set by `fuse_rotations_into_quantize`: the input is rotated by diag(signs) H first
+        self.register_buffer("rotation_signs", None)
         w = weight_fp if q.codes is None else q.dequantized_weight()
         self.register_buffer("_weight", w.contiguous(), persistent=False)
         self.bits, self.group_size = q.bits, q.group_size
@@ -76,6 +98,8 @@ class QuantLinear(torch.nn.Module):
         self.act = q.act
         self.act_qparams = q.act_qparams
         self.kernel = select_kernel(q)
+        self.spec = q.spec
+        self.tensor_scale = q.tensor_scale
         # True while saving: forward reads only the saved (packed) state, never the float cache
         self.packed_only = False
         self._init_kernel_buffers()
@@ -105,6 +129,13 @@ class QuantLinear(torch.nn.Module):
             symmetric = self.weight_zero_points is None
             self.register_buffer("_packed", pack_int4(self.weight_codes, symmetric), persistent=False)
             self._w4_group = self.group_size or self.weight_codes.shape[1]
+        if self.kernel is LinearKernel.MX:
+            from kernels.mx_gemm import pack_mx_codes
+
+            mx = pack_mx_codes(self.weight_codes, self.weight_scales, self.spec, self.tensor_scale)
+            self.register_buffer("_mx_data", mx.data, persistent=False)
+            self.register_buffer("_mx_scale_bits", mx.scale_bits, persistent=False)
+            self._mx = mx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is LinearKernel.W8A8_DYNAMIC:
@@ -113,6 +144,8 @@ class QuantLinear(torch.nn.Module):
             return self._forward_w8a8(x, self.act_qparams)
         if self.kernel is LinearKernel.W4A16 and (x.is_cuda or self.packed_only):
             return self._forward_w4a16(x)
+        if self.kernel is LinearKernel.MX and (x.is_cuda or self.packed_only):
+            return self._forward_mx(x)
         return self._forward_reference(x)
 
     def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -123,7 +156,10 @@ class QuantLinear(torch.nn.Module):
 
         lead, k = x.shape[:-1], x.shape[-1]
         rows = x.reshape(-1, k)
-        if qp is None:
+        if qp is None and self.rotation_signs is not None:
+            q, a_scale = torch.ops.qpass.quantize_per_token_hadamard(rows, self.rotation_signs)
+            bias = None if self.bias is None else self.bias.to(torch.float32)
+        elif qp is None:
             q, a_scale = torch.ops.qpass.quantize_per_token(rows)
             bias = None if self.bias is None else self.bias.to(torch.float32)
         else:
@@ -148,8 +184,32 @@ class QuantLinear(torch.nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, -1)
 
+    def _forward_mx(self, x: torch.Tensor) -> torch.Tensor:
+        import kernels.mx_gemm  # noqa: F401 - registers torch.ops.qpass.mx_gemm
+
+        dtype, lead, k = x.dtype, x.shape[:-1], x.shape[-1]
+        if self.act is not None:
+            x = fake_quant_act(x.to(torch.float32), self.act, None)
+        mx = self._mx
+        y = torch.ops.qpass.mx_gemm(
+            x.reshape(-1, k),
+            self._mx_data,
+            self._mx_scale_bits,
+            mx.tensor_scale,
+            int(mx.element),
+            int(mx.scale),
+            mx.group,
+        )
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, -1).to(dtype)
+
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.rotation_signs is not None:
+            from kernels.hadamard import hadamard_reference
+
+            x = hadamard_reference(x, self.rotation_signs)
         if self.act is not None:
             x = fake_quant_act(x.to(torch.float32), self.act, self.act_qparams)
         bias = None if self.bias is None else self.bias.to(torch.float32)
@@ -177,6 +237,43 @@ class QuantLinear(torch.nn.Module):
         a = "fp" if self.act is None else f"{self.act.format} {self.act.granularity.value}"
         a += " dynamic" if self.act is not None and self.act.dynamic else ""
         return f"out={out}, in={inp}, weight={w}, act={a}, kernel={self.kernel.value}"
+
+
+def fuse_rotations_into_quantize(gm: fx.GraphModule) -> int:
+    """Fold each online Hadamard (`qpass::hadamard_transform`) whose only reader is a per-token
+    W8A8 QuantLinear into that module's activation quantizer (`quantize_per_token_hadamard`: one
+    fused kernel on CUDA, the same references in sequence on CPU, so the result is unchanged).
+    Power-of-two sizes only, as the fused kernel; returns how many were fused.
+    """
+    import kernels.hadamard  # noqa: F401 - the op the pattern matches
+
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.qpass.hadamard_transform.default:
+            continue
+        src, signs_attr = node.args
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or signs_attr.op != "get_attr":
+            continue
+        module = gm.get_submodule(str(users[0].target))
+        signs = getattr(gm, str(signs_attr.target), None)
+        if not isinstance(module, QuantLinear) or module.kernel is not LinearKernel.W8A8_DYNAMIC:
+            continue
+        n = signs.numel() if signs is not None else 0
+        if n == 0 or n & (n - 1) or module.rotation_signs is not None:
+            continue
+        module.rotation_signs = signs.detach().to(torch.float32).clone()
+        users[0].replace_input_with(node, src)
+        gm.graph.erase_node(node)
+        if not signs_attr.users:
+            gm.graph.erase_node(signs_attr)
+            if not any(n.op == "get_attr" and n.target == signs_attr.target for n in gm.graph.nodes):
+                _delete_attr(gm, str(signs_attr.target))
+        fused += 1
+    if fused:
+        gm.graph.lint()
+        gm.recompile()
+    return fused
 
 
 def _module_name(op: OpRef) -> str:

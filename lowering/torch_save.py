@@ -38,6 +38,7 @@ def register_qpass_ops() -> None:
     """Register the qpass::* custom ops a saved quantized program may call."""
     import kernels.hadamard  # noqa: F401 - the qpass::* ops a saved program calls
     import kernels.int8_decomp  # noqa: F401
+    import kernels.mx_gemm  # noqa: F401
     import kernels.w4a16  # noqa: F401
     import kernels.w8a8  # noqa: F401
 

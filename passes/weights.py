@@ -83,6 +83,7 @@ class QuantizedWeight:
     perm: torch.Tensor | None
     spec: QuantSpec
     kept: torch.Tensor | None = None  # gptq(keep=...): float32 [out, in], the kept weights' values, else 0
+    tensor_scale: float | None = None  # NVFP4: scales = e4m3(scale byte) * tensor_scale (kernels re-encode)
 
     @property
     def shape(self) -> torch.Size:
@@ -246,6 +247,7 @@ def rtn(W: Any, spec: QuantSpec | str, *, clip_search: bool = False) -> Quantize
         g_idx=_sequential_g_idx(w.shape[1], gs, w.device),
         perm=None,
         spec=spec,
+        tensor_scale=None if qt.tensor_scale is None else float(qt.tensor_scale),
     )
 
 

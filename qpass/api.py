@@ -80,7 +80,6 @@ def quantize_with_report(
     if isinstance(view, OnnxGraphView):
         view.lowering = recipe.lowering  # read by lowering/onnxruntime.py and insert_rotation
     ctx = PassContext(recipe.weights, recipe.activations, progress)
-    _check_weight_target(recipe, view)
     report = run_passes(view, _weight_passes(recipe), batches, ctx, verify=verify, tolerance=tolerance)
     if recipe.quantizes:
         requests = quant_stat_requests(view, recipe.activations, recipe.weights)
@@ -88,6 +87,10 @@ def quantize_with_report(
         plan = plan_quantization(view, stats, recipe.weights, recipe.activations, batches)
         view.apply(plan)
         report.results.append(PassResult("quantize", plan))
+        if isinstance(view, FxGraphView):
+            from lowering.torch_backend import fuse_rotations_into_quantize
+
+            fuse_rotations_into_quantize(view.gm)
     if isinstance(view, OnnxGraphView):
         from lowering.onnx_finalize import finalize_onnx
 
@@ -112,17 +115,6 @@ def _weight_passes(recipe: Recipe) -> list:
 
         steps.append(AWQ(AWQConfig()))
     return steps
-
-
-def _check_weight_target(recipe: Recipe, view: GraphView) -> None:
-    """Float corrections (LoRC, kept weights) are lowered on torch only so far: refuse them on ONNX by key."""
-    w = recipe.weights
-    if w is None or not isinstance(view, OnnxGraphView):
-        return
-    for key, on in (("lorc_rank", w.lorc_rank > 0), ("protect", w.protect != 0)):
-        if on:
-            msg = f"recipe key 'weights.{key}': the ONNX lowering has no low-rank/sparse term yet; use a torch model"
-            raise ConfigError(msg)
 
 
 def quantize(

@@ -159,6 +159,7 @@ class QLinear:
     outlier_values: torch.Tensor | None = None  # float32 [k] values (their codes are the zero code)
     fp_channels: torch.Tensor | None = None  # LLM.int8 decomposition: input channels kept float (int64 [k]),
     fp_weight: torch.Tensor | None = None  # their weight columns, float32 [out, k] (codes there are 0)
+    tensor_scale: float | None = None  # NVFP4's second-level scale (scales include it)
 
     @property
     def has_corrections(self) -> bool:
@@ -303,6 +304,7 @@ def _quantize_linear(
     if spec is not None and spec.granularity is Granularity.PER_GROUP:
         group = spec.group_size
     q = QLinear(ref, codes, scales, zeros, g_idx, group, bits, acfg, qp, spec)
+    q.tensor_scale = qw.tensor_scale if wcfg is not None else None
     if lw is not None:
         q.lorc_u, q.lorc_v = lw.lorc_u, lw.lorc_v
         q.outlier_rows, q.outlier_cols, q.outlier_values = lw.outlier_rows, lw.outlier_cols, lw.outlier_values

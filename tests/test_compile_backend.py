@@ -113,9 +113,12 @@ def test_compiled_minilm_matches_eager_qpass():
     compiled = torch.compile(model, backend="qpass", options={"recipe": "w8a8-dynamic"})
     with torch.no_grad():
         y, ref, fp = compiled(**batch), eager(**batch), model(**batch)
-    # Inductor's CPU code for the float ops around the kernels rounds differently and per-token
-    # codes flip (aot_eager, i.e. the same graph unfused, matches eager qpass to 1e-7; FP Inductor
-    # matches FP eager to 1e-7); the compiled model is as close to FP as eager qpass is
+    # Each QuantLinear compiled alone matches eager bit for bit, and aot_eager matches the whole
+    # model to 1e-7. Inductor's fused LayerNorm/GELU differ from eager by ~1e-7 relative; on this
+    # batch that flips ONE activation code at the 10th quantized linear, and each later per-token
+    # quantization turns the difference into more flips (5, 202, 122, ..., 3618 of 160k codes at
+    # the 16th): quantized networks amplify any float reordering up to quantization-noise size.
+    # So the compiled model is another equally good quantization: as close to FP as eager qpass.
     cos = torch.nn.functional.cosine_similarity
     assert cos(y, ref).min() > 0.998
     assert cos(y, fp).min() > cos(ref, fp).min() - 0.002 and cos(y, fp).min() > 0.99

@@ -1,5 +1,5 @@
-"""Built-in recipes whose target is onnxruntime lower the real MiniLM, run in stock onnxruntime
-(CPU provider, no custom op library) and match the torch-side quantized model of the same recipe.
+"""Every built-in recipe lowers the real MiniLM to ONNX, runs in stock onnxruntime (CPU provider,
+no custom op library) and matches the torch-side quantized model of the same recipe.
 
 CI runs a representative subset, one recipe per lowered form (static QDQ, per-token
 MatMulInteger, MatMulNBits, Hadamard function ops + MatMulInteger): GPTQ, alpha-searching
@@ -29,7 +29,8 @@ from qpass.recipe import builtin_names, get_recipe
 
 pytestmark = [pytest.mark.slow]
 
-ONNX_RECIPES = [n for n in builtin_names() if get_recipe(n).target == "onnxruntime"]
+# every built-in recipe lowers to ONNX; those whose `target` is torch run here with it overridden
+ONNX_RECIPES = list(builtin_names())
 LOWERED_OP = {  # the op that shows the recipe took its intended form
     "w8a8": "QuantizeLinear",
     "w8a8-smooth": "QuantizeLinear",
@@ -43,6 +44,10 @@ LOWERED_OP = {  # the op that shows the recipe took its intended form
     "w4a4-rotate": "HadamardTransform1536",
     "w4a4-duquant": "MatMulInteger",
     "w8a8-int8decomp": "MatMulInteger",
+    "w4a16-awq": "MatMulNBits",
+    "w3a16-gptq-lorc": "MatMulNBits",  # + the LoRC MatMul pair
+    "mixed-4.5bit": "MatMulNBits",
+    "int4-splitquant": "MatMulNBits",  # one linear over the concatenated parts
 }
 SUBSET = ("w8a8", "w8a8-dynamic", "w4a16", "w4a8-rotate")
 ALL = os.environ.get("QPASS_ALL_RECIPES") == "1"
@@ -76,7 +81,8 @@ def test_recipe_lowers_minilm_and_matches_torch(minilm, recipe):
     if recipe not in SUBSET and not ALL:
         pytest.skip("minutes on 2 cores; QPASS_ALL_RECIPES=1 runs it")
     embedder, path, calib, held, ref = minilm
-    q = qpass.quantize(path, recipe, calib, verify=False)
+    as_onnx = {**get_recipe(recipe).to_dict(), "target": "onnxruntime"}
+    q = qpass.quantize(path, as_onnx, calib, verify=False)
     onnx.checker.check_model(q, full_check=True)
     ops = collections.Counter(n.op_type for n in q.graph.node)
     assert ops["MatMulNBits"] + ops["MatMulInteger"] + ops["QuantizeLinear"] > 0, ops

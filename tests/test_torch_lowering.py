@@ -105,3 +105,55 @@ def test_load_errors_name_the_file(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(ModelLoadError, match="bad.pt2: not a qpass .pt2 model"):
         load_quantized(bad)
+
+
+def test_online_hadamard_fuses_into_per_token_quantizer(monkeypatch):
+    """QuaRot's online Hadamard before down_proj (hidden 128, a power of two) folds into the W8A8
+    module's quantizer; the CPU result is bit-identical to the unfused graph, and saves/loads.
+    """
+    from models import TinyLlama
+
+    import lowering.torch_backend as tb
+
+    torch.manual_seed(0)
+    model = TinyLlama(dim=64, hidden=128).eval()
+    x = llama_inputs(seed=3)
+    recipe = {
+        "passes": [{"fuse_norms": {}}, {"rotate": {"kind": "hadamard", "layout": "residual", "online": True}}],
+        "weights": {"format": "int8"},
+        "activations": {"format": "int8", "granularity": "per_token", "dynamic": True},
+        "target": "torch",
+    }
+    fused = qpass.quantize(model, recipe, calibration=[x])
+    mods = [m for m in fused.modules() if isinstance(m, tb.QuantLinear) and m.rotation_signs is not None]
+    assert len(mods) == 2  # one down_proj per block
+    assert all(m.kernel is tb.LinearKernel.W8A8_DYNAMIC for m in mods)
+    hadamards = [n for n in fused.graph.nodes if "hadamard_transform" in str(n.target)]
+    monkeypatch.setattr(tb, "fuse_rotations_into_quantize", lambda gm: 0)
+    plain = qpass.quantize(model, recipe, calibration=[x])
+    plain_hadamards = [n for n in plain.graph.nodes if "hadamard_transform" in str(n.target)]
+    assert len(plain_hadamards) == len(hadamards) + 2
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))
+
+
+def test_fused_rotation_quantizer_saves_and_loads(tmp_path):
+    from models import TinyLlama
+
+    import lowering.torch_backend as tb
+
+    torch.manual_seed(0)
+    model = TinyLlama(dim=64, hidden=128).eval()
+    x = llama_inputs(seed=3)
+    recipe = {
+        "passes": [{"fuse_norms": {}}, {"rotate": {"kind": "hadamard", "layout": "residual", "online": True}}],
+        "weights": {"format": "int8"},
+        "activations": {"format": "int8", "granularity": "per_token", "dynamic": True},
+        "target": "torch",
+    }
+    q = qpass.quantize(model, recipe, calibration=[x])
+    assert any(isinstance(m, tb.QuantLinear) and m.rotation_signs is not None for m in q.modules())
+    save_quantized(q, tmp_path / "r.pt2", x)
+    loaded = load_quantized(tmp_path / "r.pt2").module
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), q(x), rtol=1e-6, atol=1e-6)

@@ -227,13 +227,33 @@ def test_weight_config_errors_name_the_key(weights, key):
         from_mapping(WeightQuantConfig, {"format": "int4", "group": 32, **weights}, "weights")
 
 
-def test_lorc_on_onnx_is_refused_by_key(tmp_path):
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
-    x = torch.randn(4, 64)
+@pytest.mark.parametrize("acts", [None, {"format": "int8", "granularity": "per_token", "dynamic": True}])
+def test_lorc_and_kept_weights_lower_to_onnx_and_match_torch(tmp_path, acts):
+    """LoRC (two small MatMuls) and kept weights (Gather + MatMul) run in stock onnxruntime and give
+    the torch-side corrected model's outputs; without them the ONNX model is further from FP.
+    """
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 8)).eval()
+    x = torch.randn(16, 64)
     path = tmp_path / "tiny.onnx"
     torch.onnx.export(model, (x,), str(path), input_names=["x"], dynamo=True)
-    with pytest.raises(ConfigError, match="weights.lorc_rank"):
-        quantize_with_report(str(path), _recipe(format="int4", group=32, lorc_rank=2), {"x": x.numpy()})
+    recipe = {**_recipe(format="int3", group=32, lorc_rank=4, protect=24), "activations": acts}
+    plain = {**_recipe(format="int3", group=32), "activations": acts}
+    outs = {}
+    for key, r in (("corrected", recipe), ("plain", plain)):
+        q = quantize_with_report(str(path), r, {"x": x.numpy()}, batch_size=16).model
+        sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs[key] = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+        ops = {n.op_type for n in q.graph.node}
+        assert ("Gather" in ops) == (key == "corrected"), ops
+    qt = quantize_with_report(model, {**recipe, "target": "torch"}, [x]).model
+    assert any(isinstance(m, CorrectedQuantLinear) for m in qt.modules())
+    with torch.no_grad():
+        ref, fp = qt(x), model(x)
+    torch.testing.assert_close(outs["corrected"], ref, rtol=1e-4, atol=1e-4)
+    assert (outs["corrected"] - fp).norm() < 0.8 * (outs["plain"] - fp).norm()
 
 
 def test_gptq_keep_mask_shape_checked():
