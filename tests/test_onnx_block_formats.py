@@ -225,3 +225,30 @@ def test_tiny_llama_onnx_matches_torch_target(llama_case, onnx_dir, fmt):
     gap = np.linalg.norm(out_o - out_t) / np.linalg.norm(out_t)
     noise = np.linalg.norm(out_t - ref) / np.linalg.norm(ref)
     assert gap < max(1e-4, noise / 20), (fmt, gap, noise)
+
+
+@pytest.mark.parametrize(
+    ("wcfg", "afmt", "op"),
+    [
+        ({"format": "int4", "group": 32}, "mxfp4", "MatMulNBits"),
+        ({"format": "int8"}, "nvfp4", "MatMulNBits"),
+        ({"format": "fp8_e4m3"}, "int8", "DequantizeFP8E4M3"),
+    ],
+    ids=["int4-w-mxfp4-a", "int8-w-nvfp4-a", "fp8-w-int8-token-a"],
+)
+def test_mixed_integer_and_block_formats(wcfg, afmt, op):
+    """Integer weights with block-format activations take MatMulNBits after the FakeQuant op (never
+    the integer-activation forms); block weights with INT8 per-token activations fake-quantize them.
+    """
+    k = 128
+    model, _, b = linear_model(k)
+    x = _x(k)
+    acfg = {"format": afmt, "dynamic": True}
+    if afmt == "int8":
+        acfg["granularity"] = "per_token"
+    out_model, q = _quantize(model, {"weights": wcfg, "activations": acfg}, x)
+    ops = collections.Counter(n.op_type for n in out_model.graph.node)
+    assert ops[op] == 1 and ops["MatMulInteger"] == 0 and ops["QuantizeLinear"] == 0, ops
+    ref = (fake_quant_act(torch.from_numpy(x), q.act, None) @ q.dequantized_weight().T).numpy() + b
+    out = _session(out_model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
