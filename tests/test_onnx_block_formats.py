@@ -254,3 +254,33 @@ def test_mixed_integer_and_block_formats(wcfg, afmt, op):
     ref = (fake_quant_act(torch.from_numpy(x), q.act, None) @ q.dequantized_weight().T).numpy() + b
     out = _session(out_model).run(None, {"x": x})[0]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_scales_without_a_byte_form_stay_float32(fmt):
+    """Scales that are not exact E8M0 / E4M3 x tensor-scale values (e.g. from another algorithm)
+    are stored as float32 blocks for the F32Scales variant of the op; the weight is still exact.
+    """
+    import dataclasses
+
+    from lowering.onnx_finalize import finalize_onnx
+    from qpass.graph.onnx import OnnxGraphView, load_model
+    from qpass.graph.view import EditPlan
+    from qpass.qconfig import WeightQuantConfig
+    from qpass.qlinear import plan_quantization
+
+    k = 64
+    model, _, b = linear_model(k)
+    view = OnnxGraphView(load_model(model))
+    plan = plan_quantization(view, None, WeightQuantConfig(format=fmt), None)
+    (edit,) = plan.edits
+    edit.qlinear.scales = edit.qlinear.scales * torch.linspace(1.01, 1.3, edit.qlinear.scales.shape[1])
+    fixed = EditPlan("quantize", [dataclasses.replace(edit)])
+    view.apply(fixed)
+    finalize_onnx(view.model)
+    out_model = view.to_proto()
+    ops = [n.op_type for n in out_model.graph.node]
+    assert f"Dequantize{fmt.upper()}F32Scales" in ops, ops
+    x = _x(k)
+    ref = x @ edit.qlinear.dequantized_weight().numpy().T + b
+    np.testing.assert_allclose(_session(out_model).run(None, {"x": x})[0], ref, rtol=1e-5, atol=1e-4)
