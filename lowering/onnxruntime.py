@@ -18,6 +18,8 @@ Which form a `QLinear` takes (the recipe's `lowering:` options, `OnnxLoweringCon
   MatMulInteger form above with the weight's normal rows, plus Gather of the outlier channels ->
   float MatMul with their weight rows, and one Add. Both Gathers and the quantization are shared
   by the linears reading the same activation; the weight row selections are done offline.
+- float and block formats (FP8, MX, NVFP4, BFP), weights and activations: qpass-domain function
+  ops (lowering/onnx_block_formats.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from lowering.onnx_block_formats import block_fake_quant, lower_block_weight
 from lowering.weight_packing import PackedNBits, act_order_permutation, blocked_dq_arrays, matmulnbits_arrays
 from qpass.errors import UnsupportedOpError
 from qpass.graph.view import OpRef
@@ -51,13 +54,12 @@ def lower_linear_onnx(view, op: OpRef, q: QLinear, config: OnnxLoweringConfig | 
         msg = f"node '{op.name}': ONNX lowering needs opset >= {MIN_OPSET}, model has {_opset(model)}"
         raise UnsupportedOpError(msg)
     node = view.node(op)
-    if q.codes is not None and not q.integer_weight:
-        msg = f"node '{op.name}': {q.spec.element.value} block weights are not lowered to ONNX yet (torch target)"
-        raise UnsupportedOpError(msg)
-    if q.act is not None and is_block_format(q.act.format):
-        msg = f"node '{op.name}': {q.act.format} activations are not lowered to ONNX yet (torch target)"
-        raise UnsupportedOpError(msg)
     _check_gemm(node, op)
+    block_act = q.act is not None and is_block_format(q.act.format)
+    if q.codes is not None and not q.integer_weight:  # FP8 / MX / NVFP4 / BFP weights
+        a = _act_float(view, node, q) if q.act is not None else node.inputs[0]
+        _replace_linear(view, node, lower_block_weight(view, node, op, q, a, config))
+        return
     if q.act is not None and q.act_qparams is None and q.act.granularity is not ActGranularity.PER_TOKEN:
         if not q.act.dynamic:
             msg = f"node '{op.name}': static activations without calibrated parameters"
@@ -74,11 +76,11 @@ def lower_linear_onnx(view, op: OpRef, q: QLinear, config: OnnxLoweringConfig | 
 
         x_corr = _act_float(view, node, q) if q.act is not None else node.inputs[0]
         add_corrections(view, node, q, x_corr, _new_node)
-    dynamic = q.act is not None and q.act_qparams is None
+    dynamic = q.act is not None and q.act_qparams is None and not block_act
     integer_ok = q.per_channel and q.zero_points is None and q.g_idx is None
     if config.weight_op is WeightOp.AUTO and integer_ok and dynamic:
         _lower_dynamic_integer(view, node, op, q)
-    elif config.weight_op is WeightOp.AUTO and integer_ok and q.bits == 8 and q.act is not None:
+    elif config.weight_op is WeightOp.AUTO and integer_ok and q.bits == 8 and q.act_qparams is not None:
         _lower_qdq(view, node, q)
     elif config.weight_op is WeightOp.DEQUANTIZE_LINEAR:
         _lower_blocked_dq(view, node, op, q)
@@ -180,6 +182,8 @@ def _act_float(view, node: ir.Node, q: QLinear) -> ir.Value:
         return cache[key]
     if q.act_qparams is not None:
         out, nodes = _static_qdq(view, x, q)
+    elif is_block_format(q.act.format):  # FP8 / MX / NVFP4 / BFP: a qpass.FakeQuant<FMT> function op
+        out, nodes = block_fake_quant(view, x, q)
     else:
         codes, scale, nodes = _dynamic_codes(view, x, q)
         mul = _new_node(view, "Mul", [codes, scale], f"{x.name}_fq")

@@ -4,12 +4,13 @@ planned per linear from the qpass.formats references and run by the torch loweri
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import qpass
 from lowering.torch_backend import QuantLinear
-from qpass.errors import ConfigError, UnsupportedOpError
+from qpass.errors import ConfigError
 from qpass.formats import fake_quantize, get_format
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 from qpass.qlinear import fake_quant_act
@@ -79,11 +80,18 @@ def test_block_format_config_errors():
         ActivationQuantConfig(format="mxfp4")
 
 
-def test_block_weights_refused_by_onnx_qdq(bert_case, onnx_dir):
-    with pytest.raises(UnsupportedOpError, match="not lowered to ONNX"):
-        qpass.quantize(
-            str(bert_case.onnx_path(onnx_dir)), _recipe("mxfp4", None, "onnxruntime"), bert_case.onnx_calib()
-        )
+def test_block_weights_lower_to_onnx(bert_case, onnx_dir):
+    """ONNX target: a qpass function op decodes the MXFP4 weights (tests/test_onnx_block_formats.py)."""
+    import onnxruntime as ort
+
+    q = qpass.quantize(
+        str(bert_case.onnx_path(onnx_dir)), _recipe("mxfp4", "mxfp4", "onnxruntime"), bert_case.onnx_calib()
+    )
+    assert any(n.op_type == "DequantizeMXFP4" and n.domain == "qpass" for n in q.graph.node)
+    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, bert_case.onnx_feed(bert_case.batches[0]))[0]
+    assert out.shape == tuple(bert_case.reference(bert_case.batches[0]).shape)
+    assert np.isfinite(out).all()
 
 
 def test_block_weights_take_reference_kernel_and_save(llama_case, tmp_path):

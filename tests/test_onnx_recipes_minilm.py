@@ -2,7 +2,7 @@
 no custom op library) and matches the torch-side quantized model of the same recipe.
 
 CI runs a representative subset, one recipe per lowered form (static QDQ, per-token
-MatMulInteger, MatMulNBits, Hadamard function ops + MatMulInteger): GPTQ, alpha-searching
+MatMulInteger, MatMulNBits, Hadamard function ops + MatMulInteger, MXFP4 function ops): GPTQ, alpha-searching
 smoothing and DuQuant make the other recipes minutes each on 2 cores. `QPASS_ALL_RECIPES=1` runs
 every onnxruntime-target recipe (all passed on 2026-11-23, 24 min on the shared machine).
 
@@ -48,8 +48,9 @@ LOWERED_OP = {  # the op that shows the recipe took its intended form
     "w3a16-gptq-lorc": "MatMulNBits",  # + the LoRC MatMul pair
     "mixed-4.5bit": "MatMulNBits",
     "int4-splitquant": "MatMulNBits",  # one linear over the concatenated parts
+    "mxfp4-reorder": "DequantizeMXFP4",  # qpass function ops (lowering/onnx_block_formats.py)
 }
-SUBSET = ("w8a8", "w8a8-dynamic", "w4a16", "w4a8-rotate")
+SUBSET = ("w8a8", "w8a8-dynamic", "w4a16", "w4a8-rotate", "mxfp4-reorder")
 ALL = os.environ.get("QPASS_ALL_RECIPES") == "1"
 
 
@@ -85,7 +86,8 @@ def test_recipe_lowers_minilm_and_matches_torch(minilm, recipe):
     q = qpass.quantize(path, as_onnx, calib, verify=False)
     onnx.checker.check_model(q, full_check=True)
     ops = collections.Counter(n.op_type for n in q.graph.node)
-    assert ops["MatMulNBits"] + ops["MatMulInteger"] + ops["QuantizeLinear"] > 0, ops
+    qpass_ops = sum(1 for n in q.graph.node if n.domain == "qpass")
+    assert ops["MatMulNBits"] + ops["MatMulInteger"] + ops["QuantizeLinear"] + qpass_ops > 0, ops
     sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
     emb = np.concatenate([sess.run(["embedding"], b)[0] for b in held])
     assert np.isfinite(emb).all()
