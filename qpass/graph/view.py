@@ -224,22 +224,6 @@ CONSTANT_EDITS = (
     RotateChannels,
     PermuteChannels,
 )  # undone by restoring the constants
-Edit = (
-    ScaleChannels
-    | ShiftChannels
-    | RotateChannels
-    | InsertRotation
-    | ReplaceWithQOp
-    | PermuteChannels
-    | SplitOp
-    | KeepFloatChannels
-)
-CONSTANT_EDITS = (
-    ScaleChannels,
-    ShiftChannels,
-    RotateChannels,
-    PermuteChannels,
-)  # undone by restoring the constants
 
 
 @dataclass
