@@ -34,6 +34,12 @@ DOMAIN = "qpass"
 # and 32 x 128 tokens, in ONNX Runtime on this machine (benchmarks/results/onnx_hadamard.md);
 # below the smallest measured size the constant MatMul is kept.
 FWHT_MIN_SIZE = 384
+# (form, chunks) per n: the fastest measured (benchmarks/onnx_hadamard.py); other n: default_plan.
+PLANS: dict[int, tuple[str, tuple[int, ...]]] = {
+    384: ("kron", (24, 16)),
+    576: ("kron", (36, 16)),
+    1536: ("kron", (48, 32)),
+}
 
 
 def sylvester_split(n: int) -> tuple[np.ndarray, int]:
@@ -48,8 +54,8 @@ def sylvester_split(n: int) -> tuple[np.ndarray, int]:
     return h, 1
 
 
-def function_name(n: int) -> str:
-    return f"HadamardTransform{n}"
+def function_name(n: int, signed: bool = True) -> str:
+    return f"HadamardTransform{n}" if signed else f"Hadamard{n}"
 
 
 def _const(name: str, array: np.ndarray) -> ir.Node:
@@ -65,17 +71,49 @@ def _sylvester(p: int) -> np.ndarray:
     return s
 
 
-def hadamard_function(n: int, opset: int, form: str = "kron") -> ir.Function:
-    """The FunctionProto of `qpass.HadamardTransform{n}(x, signs)` (signs already / sqrt(n)).
+def kron_chunks(n: int, chunks: tuple[int, ...]) -> list[np.ndarray]:
+    """The ±1 matrices M_1..M_k with sqrt(n) hadamard(n) = M_1 ⊗ ... ⊗ M_k, of the given sizes.
 
-    form "kron" (default): one [p, p] MatMul for the Sylvester factor (O(n (p + m)) per row: 2-5x
-    faster than the constant MatMul and than the butterflies at n = 384..1536, measured);
-    "butterfly": log2(p) add/sub stages for it (O(n log n), but 5 ops per stage).
+    hadamard(n) sqrt(n) = B_m ⊗ S_2 ⊗ ... ⊗ S_2: any grouping of consecutive factors is a valid
+    factorisation, so `chunks` must be (m 2^a, 2^b, ...), with product n.
     """
     base, p = sylvester_split(n)
-    m = n // p
+    m = base.shape[0]
+    if math.prod(chunks) != n or chunks[0] % m or any(c & (c - 1) for c in (chunks[0] // m, *chunks[1:])):
+        msg = f"chunks {chunks} do not group hadamard({n}) = B_{m} x S_{p}"
+        raise ValueError(msg)
+    return [np.kron(base, _sylvester(chunks[0] // m)), *(_sylvester(c) for c in chunks[1:])]
+
+
+def default_plan(n: int) -> tuple[str, tuple[int, ...]]:
+    """(form, chunks) for a size not in PLANS.
+
+    Two chunks, B_m times enough of the Sylvester factor to make them as even as possible: the
+    shape of every measured winner.
+    """
+    base, p = sylvester_split(n)
+    m = base.shape[0]
+    if p == 1:
+        return "kron", (m,)
+    a = min(range(int(math.log2(p)) + 1), key=lambda a: abs(m * 2**a - p // 2**a))
+    chunks = (m << a, p >> a)
+    return "kron", tuple(c for c in chunks if c > 1) or (n,)
+
+
+def hadamard_function(
+    n: int, opset: int, form: str | None = None, *, chunks: tuple[int, ...] | None = None, signed: bool = True
+) -> ir.Function:
+    """The FunctionProto of `qpass.HadamardTransform{n}(x, signs)` (signs ±1), or, with
+    `signed=False`, of `qpass.Hadamard{n}(x)`.
+
+    form and chunks default to PLANS[n] (or default_plan(n)). form "kron": one MatMul per chunk,
+    each on one axis of a reshaped view ([c, c] @ [rows, c, rest], no Transpose), 1/sqrt(n) folded
+    into the last chunk's matrix: sum(chunks) MACs per element. "kron_t": every chunk as one
+    flat [rows * rest, c] @ [c, c] GEMM, a Transpose rotating the axes after each. "butterfly": one [m, m]
+    MatMul and log2(p) add/sub stages (O(n log n), but 5 ops per stage; slower, measured).
+    """
     x = ir.Value(name="x")
-    signs = ir.Value(name="signs")
+    signs = ir.Value(name="signs") if signed else None
     nodes: list[ir.Node] = []
 
     def add(op: str, inputs, n_out: int = 1, **attrs) -> list[ir.Value]:
@@ -90,29 +128,61 @@ def hadamard_function(n: int, opset: int, form: str = "kron") -> ir.Function:
         nodes.append(node)
         return node.outputs[0]
 
-    (shape,) = add("Shape", [x])
-    (y,) = add("Mul", [x, signs])
-    h = 1 if form == "butterfly" else p
-    if form == "kron" and p > 1:
-        (y,) = add("Reshape", [y, constant(np.asarray([-1, m, p], np.int64))])
-        (y,) = add("MatMul", [y, constant(_sylvester(p).astype(np.float32))])
-    while h < p:  # stage h: butterflies between channel bits of weight h
-        (y,) = add("Reshape", [y, constant(np.asarray([-1, m, p // (2 * h), 2, h], np.int64))])
-        if opset >= 18:
-            a, b = add("Split", [y], 2, axis=3, num_outputs=2)
-        else:
-            a, b = add("Split", [y], 2, axis=3)
-        (s,) = add("Add", [a, b])
-        (d,) = add("Sub", [a, b])
-        (y,) = add("Concat", [s, d], axis=3)
-        h *= 2
-    if m > 1:
-        (y,) = add("Reshape", [y, constant(np.asarray([-1, m, p], np.int64))])
-        (y,) = add("MatMul", [constant(np.ascontiguousarray(base.T).astype(np.float32)), y])
-    (out,) = add("Reshape", [y, shape])
+    def shape(*dims: int) -> ir.Value:
+        return constant(np.asarray(dims, np.int64))
+
+    plan_form, plan_chunks = PLANS.get(n) or default_plan(n)
+    form = form or plan_form
+    chunks = chunks or plan_chunks
+    (orig_shape,) = add("Shape", [x])
+    y = add("Mul", [x, signs])[0] if signed else x
+    if form == "kron":
+        mats = kron_chunks(n, chunks)
+        mats[-1] = mats[-1] / math.sqrt(n)
+        (y,) = add("Reshape", [y, shape(-1, mats[-1].shape[0])])
+        (y,) = add("MatMul", [y, constant(mats[-1].astype(np.float32))])
+        rest = mats[-1].shape[0]
+        for mat in reversed(mats[:-1]):  # y[.., c, rest] <- M^T @ y: one axis, batched
+            c = mat.shape[0]
+            (y,) = add("Reshape", [y, shape(-1, c, rest)])
+            (y,) = add("MatMul", [constant(np.ascontiguousarray(mat.T).astype(np.float32)), y])
+            rest *= c
+    elif form == "kron_t":
+        mats = kron_chunks(n, chunks)
+        mats[-1] = mats[-1] / math.sqrt(n)
+        layout = [m.shape[0] for m in mats]
+        k = len(layout)
+        for mat in reversed(mats):  # GEMM on the last axis, then rotate the axes by one
+            (y,) = add("Reshape", [y, shape(-1, mat.shape[0])])
+            (y,) = add("MatMul", [y, constant(mat.astype(np.float32))])
+            if k > 1:
+                (y,) = add("Reshape", [y, shape(-1, *layout)])
+                (y,) = add("Transpose", [y], perm=[0, k, *range(1, k)])
+                layout = [layout[-1], *layout[:-1]]
+    else:
+        base, p = sylvester_split(n)
+        m = n // p
+        (y,) = add("Mul", [y, constant(np.asarray(1 / math.sqrt(n), np.float32))])
+        h = 1
+        while h < p:  # stage h: butterflies between channel bits of weight h
+            (y,) = add("Reshape", [y, shape(-1, m, p // (2 * h), 2, h)])
+            if opset >= 18:
+                a, b = add("Split", [y], 2, axis=3, num_outputs=2)
+            else:
+                a, b = add("Split", [y], 2, axis=3)
+            (s,) = add("Add", [a, b])
+            (d,) = add("Sub", [a, b])
+            (y,) = add("Concat", [s, d], axis=3)
+            h *= 2
+        if m > 1:
+            (y,) = add("Reshape", [y, shape(-1, m, p)])
+            (y,) = add("MatMul", [constant(np.ascontiguousarray(base.T).astype(np.float32)), y])
+    (out,) = add("Reshape", [y, orig_shape])
     out.name = "y"
-    graph = ir.Graph([x, signs], [out], nodes=nodes, opset_imports={"": opset}, name=function_name(n))
-    return ir.Function(DOMAIN, function_name(n), graph=graph, attributes=[])
+    name = function_name(n, signed)
+    inputs = [x, signs] if signed else [x]
+    graph = ir.Graph(inputs, [out], nodes=nodes, opset_imports={"": opset}, name=name)
+    return ir.Function(DOMAIN, name, graph=graph, attributes=[])
 
 
 def hadamard_signs(matrix: np.ndarray) -> np.ndarray | None:
@@ -130,8 +200,18 @@ def hadamard_signs(matrix: np.ndarray) -> np.ndarray | None:
     return s
 
 
-def lower_rotations(model: ir.Model, mode: RotationOp, opset: int, form: str = "kron") -> list[str]:
-    """Replace Hadamard rotation MatMuls by the function op (per `mode`); returns the node names."""
+def lower_rotations(
+    model: ir.Model,
+    mode: RotationOp,
+    opset: int,
+    form: str | None = None,
+    chunks: tuple[int, ...] | None = None,
+) -> list[str]:
+    """Replace Hadamard rotation MatMuls by the function op (per `mode`); returns the node names.
+
+    A plain H (all signs +1: the rotate pass folded them into the producer) takes the one-input
+    `qpass.Hadamard{n}`, with no sign Mul.
+    """
     if mode is RotationOp.MATMUL:
         return []
     graph = model.graph
@@ -147,14 +227,18 @@ def lower_rotations(model: ir.Model, mode: RotationOp, opset: int, form: str = "
         n = matrix.shape[0]
         if signs is None or (mode is RotationOp.AUTO and n < FWHT_MIN_SIZE):
             continue
-        key = (DOMAIN, function_name(n), "")
+        signed = bool((signs != 1).any())
+        key = (DOMAIN, function_name(n, signed), "")
         if key not in model.functions:
-            model.functions[key] = hadamard_function(n, opset, form)
+            model.functions[key] = hadamard_function(n, opset, form, chunks=chunks, signed=signed)
         model.opset_imports.setdefault(DOMAIN, 1)
-        sv = ir.Value(name=f"{q.name}_signs", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
-        sv.const_value = ir.tensor((signs / math.sqrt(n)).astype(np.float32), name=sv.name)
-        graph.register_initializer(sv)
-        new = ir.node(function_name(n), [node.inputs[0], sv], domain=DOMAIN, name=f"{node.name}_fwht")
+        inputs = [node.inputs[0]]
+        if signed:
+            sv = ir.Value(name=f"{q.name}_signs", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
+            sv.const_value = ir.tensor(signs.astype(np.float32), name=sv.name)
+            graph.register_initializer(sv)
+            inputs.append(sv)
+        new = ir.node(function_name(n, signed), inputs, domain=DOMAIN, name=f"{node.name}_fwht")
         new.metadata_props[KIND_KEY] = OpKind.ROTATION.value
         old = node.outputs[0]
         new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = (

@@ -2,7 +2,7 @@
 (CPU provider, no custom op library) and match the torch-side quantized model of the same recipe.
 
 CI runs a representative subset, one recipe per lowered form (static QDQ, per-token
-MatMulInteger, MatMulNBits, Hadamard function ops + MatMulInteger): GPTQ, alpha-searching
+MatMulIntegerToFloat, MatMulNBits, Hadamard function ops + MatMulIntegerToFloat): GPTQ, alpha-searching
 smoothing and DuQuant make the other recipes minutes each on 2 cores. `QPASS_ALL_RECIPES=1` runs
 every onnxruntime-target recipe (all passed on 2026-11-23, 24 min on the shared machine).
 
@@ -35,13 +35,13 @@ LOWERED_OP = {  # the op that shows the recipe took its intended form
     "w8a8-smooth": "QuantizeLinear",
     "w8a8-os+": "QuantizeLinear",
     "w8a8-outliertune": "QuantizeLinear",
-    "w8a8-dynamic": "MatMulInteger",
-    "w8a8-smooth-dynamic": "MatMulInteger",
+    "w8a8-dynamic": "MatMulIntegerToFloat",
+    "w8a8-smooth-dynamic": "MatMulIntegerToFloat",
     "w4a16": "MatMulNBits",
     "w4a16-gptq": "MatMulNBits",
     "w4a8-rotate": "HadamardTransform1536",
     "w4a4-rotate": "HadamardTransform1536",
-    "w4a4-duquant": "MatMulInteger",
+    "w4a4-duquant": "MatMulIntegerToFloat",
 }
 SUBSET = ("w8a8", "w8a8-dynamic", "w4a16", "w4a8-rotate")
 ALL = os.environ.get("QPASS_ALL_RECIPES") == "1"
@@ -78,7 +78,7 @@ def test_recipe_lowers_minilm_and_matches_torch(minilm, recipe):
     q = qpass.quantize(path, recipe, calib, verify=False)
     onnx.checker.check_model(q, full_check=True)
     ops = collections.Counter(n.op_type for n in q.graph.node)
-    assert ops["MatMulNBits"] + ops["MatMulInteger"] + ops["QuantizeLinear"] > 0, ops
+    assert ops["MatMulNBits"] + ops["MatMulIntegerToFloat"] + ops["QuantizeLinear"] > 0, ops
     sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
     emb = np.concatenate([sess.run(["embedding"], b)[0] for b in held])
     assert np.isfinite(emb).all()
