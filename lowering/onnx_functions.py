@@ -1,19 +1,35 @@
 """Custom-domain ONNX ops with function bodies, so lowered models run in stock onnxruntime.
 
-`qpass.HadamardTransform{n}(x, signs) = x @ (diag(signs) H_n)` over the last axis, with H_n the
-orthonormal Hadamard matrix of `passes.rotation_math.hadamard` (B_m ⊗ Sylvester_p / sqrt(n),
-n = m * p, p = 2^k). The body computes it in Kronecker form: the signs (with 1/sqrt(n) folded
-in) scale x, viewed as [rows, m, p]; the Sylvester factor is applied to the trailing p channels,
-either by one [p, p] MatMul (default, fastest measured) or by k butterfly stages (Reshape, Split,
-Add, Sub, Concat; O(n log n)) as `rotation_math.fwht` does; one m x m MatMul applies B.
+`qpass.HadamardTransform{n}(x, signs) = x @ (diag(signs) H_n)` and `qpass.Hadamard{n}(x) = x @ H_n`
+over the last axis, H_n the orthonormal Hadamard matrix of `passes.rotation_math.hadamard`:
+sqrt(n) H_n = B_m ⊗ S_2 ⊗ ... ⊗ S_2 (n = m 2^k). The body is a model-local FunctionProto built
+with onnx-ir (its constants depend on n, which onnxscript's `@script` cannot unroll); runtimes
+that know nothing of the `qpass` domain inline it.
 
-The body is a model-local FunctionProto built with onnx-ir (the stages and constants depend on
-n, which onnxscript's `@script` cannot unroll); runtimes that know nothing of the `qpass` domain
-inline it.
+How the body computes it, each choice measured in ONNX Runtime at 2 threads on [B, 128, n],
+B = 1 and 32 (`benchmarks/onnx_hadamard.py`, `benchmarks/results/onnx_hadamard.md`):
+- Kronecker chunks. Any grouping of consecutive factors is a factorisation (chunks
+  (m 2^a, 2^b, ...)); each chunk is one MatMul on one axis of a reshaped view. Fewer MACs is not
+  faster here: a chunk off the last axis is a broadcast [c, c] @ [rows, c, rest] MatMul that ORT
+  runs as many small GEMMs ("kron"), or a flat GEMM between Transposes ("kron_t"), and each
+  extra chunk costs more than its MACs save: 1536 = 12·16·8 (36 MAC / element) was ~2x slower
+  than 48·32 (80 MAC). The fastest (form, chunks) per size is PLANS; other sizes take two even
+  chunks (`default_plan`, the shape of every measured winner).
+- 1/sqrt(n) lives in the last chunk's matrix: no op.
+- The signs: a diagonal on the left of a Kronecker product does not factor into a chunk, so the
+  rotate pass folds them offline into the producer where one takes a per-channel factor
+  (up_proj's rows through the SwiGLU product, a norm's gamma and beta; exact, verified) and the
+  op is the bare `Hadamard{n}`: one pass over the activation less. Where no producer can
+  (MiniLM's GELU output), the signs stay one Mul.
+- Butterflies (log2 p Add/Sub stages, O(n log n), `form="butterfly"`) lose to the chunk GEMMs:
+  5 ops and a pass over memory per stage.
+- What is left is memory-bound: against the linear it feeds (SmolLM2 down_proj 1536 -> 576 and
+  MiniLM FFN down 1536 -> 384, as W4A8 MatMulIntegerToFloat), the rotation stays well above the
+  issue's 10% target; a fused FWHT kernel (kernels/hadamard.py on the torch side) is what would
+  reach it, and stock ORT has none.
 
 `lower_rotations` replaces the inserted rotation MatMuls (`qpass.kind = rotation`) whose matrix
-is diag(signs) H_n by this op where it is faster. Measured by `benchmarks/onnx_hadamard.py`
-(`benchmarks/results/onnx_hadamard.md`): see `FWHT_MIN_SIZE`.
+is diag(signs) H_n by this op where it is faster than the constant MatMul (see FWHT_MIN_SIZE).
 """
 
 from __future__ import annotations

@@ -5,12 +5,13 @@ Which form a `QLinear` takes (the recipe's `lowering:` options, `OnnxLoweringCon
   DequantizeLinear (QDQ) that ORT fuses into its integer kernels; one Q/DQ pair per activation,
   shared by all the linears reading it.
 - symmetric per-channel weights (any width <= 8 stored as int8), dynamic activations (per token or
-  per tensor, symmetric): the activation is quantized in the graph (absmax -> scale -> Round ->
-  +128 -> Cast uint8), multiplied by MatMulInteger (u8 x s8 -> int32, a_zero_point 128), and
-  rescaled by the row scale times the channel scale. Exactly the torch reference (`fake_quant_act`
-  x dequantized weight). Measured against int8 x int8, DynamicQuantizeLinear (per tensor) and
-  DynamicQuantizeMatMul in `benchmarks/onnx_dynamic_candidates.py`: per tensor is ~2x faster
-  but 2-4x less accurate (one outlier token coarsens all), so not the recipe's semantics.
+  per tensor, symmetric): the activation is quantized in the graph (absmax -> scale ->
+  QuantizeLinear(x / s, 1, 128) to uint8), multiplied by com.microsoft MatMulIntegerToFloat
+  (u8 x s8, a_zero_point 128, channel scales in its epilogue) and by the row scale. The torch
+  reference (`fake_quant_act` x dequantized weight) up to float rounding of the rescale.
+  Measured against int8 x int8, DynamicQuantizeLinear (per tensor) and DynamicQuantizeMatMul
+  in `benchmarks/onnx_dynamic_candidates.py`: per tensor is ~2x faster but 2-4x less accurate
+  (one outlier token coarsens all), so not the recipe's semantics.
 - everything else with integer weights (INT4/INT8, groups, zero points, GPTQ act-order `g_idx`):
   com.microsoft MatMulNBits, or (`weight_op: dequantize_linear`) the opset-21 blocked
   DequantizeLinear + MatMul; activations, if quantized, are fake-quantized in float before it.
@@ -231,7 +232,7 @@ def _lower_qdq(view, node: ir.Node, q: QLinear) -> None:
 
 
 def _lower_dynamic_integer(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
-    """Dynamic symmetric activations x symmetric per-channel weights on MatMulInteger.
+    """Dynamic symmetric activations x symmetric per-channel weights on MatMulIntegerToFloat.
 
     y = MatMulIntegerToFloat(codes(x) + 128 as uint8, W_codes int8, a_zero_point 128, b_scale
     s_w[channel]) * s_x[row]; exact in int32. The codes are shifted to uint8 because ORT's integer
