@@ -130,12 +130,15 @@ def _qualified(node: onnx.NodeProto) -> str:
 
 
 def quant_ops(hist: dict[str, int]) -> dict[str, int]:
-    """The quantization-related entries of an op histogram."""
+    """The quantization-related entries of an op histogram (qpass's Hadamard function ops included)."""
 
     def is_quant(op: str) -> bool:
         op = op.rsplit(":", 1)[-1]
-        return "quantize" in op.lower() or "Integer" in op or \
-            op.startswith(("QLinear", "QAttention", "QGemm"))
+        return (
+            "quantize" in op.lower()
+            or "Integer" in op
+            or op.startswith(("QLinear", "QAttention", "QGemm", "MatMulNBits", "Hadamard"))
+        )
 
     return {k: v for k, v in sorted(hist.items()) if is_quant(k)}
 

@@ -1,19 +1,35 @@
 """Custom-domain ONNX ops with function bodies, so lowered models run in stock onnxruntime.
 
-`qpass.HadamardTransform{n}(x, signs) = x @ (diag(signs) H_n)` over the last axis, with H_n the
-orthonormal Hadamard matrix of `passes.rotation_math.hadamard` (B_m ⊗ Sylvester_p / sqrt(n),
-n = m * p, p = 2^k). The body computes it in Kronecker form: the signs (with 1/sqrt(n) folded
-in) scale x, viewed as [rows, m, p]; the Sylvester factor is applied to the trailing p channels,
-either by one [p, p] MatMul (default, fastest measured) or by k butterfly stages (Reshape, Split,
-Add, Sub, Concat; O(n log n)) as `rotation_math.fwht` does; one m x m MatMul applies B.
+`qpass.HadamardTransform{n}(x, signs) = x @ (diag(signs) H_n)` and `qpass.Hadamard{n}(x) = x @ H_n`
+over the last axis, H_n the orthonormal Hadamard matrix of `passes.rotation_math.hadamard`:
+sqrt(n) H_n = B_m ⊗ S_2 ⊗ ... ⊗ S_2 (n = m 2^k). The body is a model-local FunctionProto built
+with onnx-ir (its constants depend on n, which onnxscript's `@script` cannot unroll); runtimes
+that know nothing of the `qpass` domain inline it.
 
-The body is a model-local FunctionProto built with onnx-ir (the stages and constants depend on
-n, which onnxscript's `@script` cannot unroll); runtimes that know nothing of the `qpass` domain
-inline it.
+How the body computes it, each choice measured in ONNX Runtime at 2 threads on [B, 128, n],
+B = 1 and 32 (`benchmarks/onnx_hadamard.py`, `benchmarks/results/onnx_hadamard.md`):
+- Kronecker chunks. Any grouping of consecutive factors is a factorisation (chunks
+  (m 2^a, 2^b, ...)); each chunk is one MatMul on one axis of a reshaped view. Fewer MACs is not
+  faster here: a chunk off the last axis is a broadcast [c, c] @ [rows, c, rest] MatMul that ORT
+  runs as many small GEMMs ("kron"), or a flat GEMM between Transposes ("kron_t"), and each
+  extra chunk costs more than its MACs save: 1536 = 12·16·8 (36 MAC / element) was ~2x slower
+  than 48·32 (80 MAC). The fastest (form, chunks) per size is PLANS; other sizes take two even
+  chunks (`default_plan`, the shape of every measured winner).
+- 1/sqrt(n) lives in the last chunk's matrix: no op.
+- The signs: a diagonal on the left of a Kronecker product does not factor into a chunk, so the
+  rotate pass folds them offline into the producer where one takes a per-channel factor
+  (up_proj's rows through the SwiGLU product, a norm's gamma and beta; exact, verified) and the
+  op is the bare `Hadamard{n}`: one pass over the activation less. Where no producer can
+  (MiniLM's GELU output), the signs stay one Mul.
+- Butterflies (log2 p Add/Sub stages, O(n log n), `form="butterfly"`) lose to the chunk GEMMs:
+  5 ops and a pass over memory per stage.
+- What is left is memory-bound: against the linear it feeds (SmolLM2 down_proj 1536 -> 576 and
+  MiniLM FFN down 1536 -> 384, as W4A8 MatMulIntegerToFloat), the rotation stays well above the
+  issue's 10% target; a fused FWHT kernel (kernels/hadamard.py on the torch side) is what would
+  reach it, and stock ORT has none.
 
 `lower_rotations` replaces the inserted rotation MatMuls (`qpass.kind = rotation`) whose matrix
-is diag(signs) H_n by this op where it is faster. Measured by `benchmarks/onnx_hadamard.py`
-(`benchmarks/results/onnx_hadamard.md`): see `FWHT_MIN_SIZE`.
+is diag(signs) H_n by this op where it is faster than the constant MatMul (see FWHT_MIN_SIZE).
 """
 
 from __future__ import annotations
@@ -34,6 +50,12 @@ DOMAIN = "qpass"
 # and 32 x 128 tokens, in ONNX Runtime on this machine (benchmarks/results/onnx_hadamard.md);
 # below the smallest measured size the constant MatMul is kept.
 FWHT_MIN_SIZE = 384
+# (form, chunks) per n: the fastest measured (benchmarks/onnx_hadamard.py); other n: default_plan.
+PLANS: dict[int, tuple[str, tuple[int, ...]]] = {
+    384: ("kron", (24, 16)),
+    576: ("kron", (36, 16)),
+    1536: ("kron", (48, 32)),
+}
 
 
 def sylvester_split(n: int) -> tuple[np.ndarray, int]:
@@ -48,8 +70,8 @@ def sylvester_split(n: int) -> tuple[np.ndarray, int]:
     return h, 1
 
 
-def function_name(n: int) -> str:
-    return f"HadamardTransform{n}"
+def function_name(n: int, signed: bool = True) -> str:
+    return f"HadamardTransform{n}" if signed else f"Hadamard{n}"
 
 
 def _const(name: str, array: np.ndarray) -> ir.Node:
@@ -65,17 +87,49 @@ def _sylvester(p: int) -> np.ndarray:
     return s
 
 
-def hadamard_function(n: int, opset: int, form: str = "kron") -> ir.Function:
-    """The FunctionProto of `qpass.HadamardTransform{n}(x, signs)` (signs already / sqrt(n)).
+def kron_chunks(n: int, chunks: tuple[int, ...]) -> list[np.ndarray]:
+    """The ±1 matrices M_1..M_k with sqrt(n) hadamard(n) = M_1 ⊗ ... ⊗ M_k, of the given sizes.
 
-    form "kron" (default): one [p, p] MatMul for the Sylvester factor (O(n (p + m)) per row: 2-5x
-    faster than the constant MatMul and than the butterflies at n = 384..1536, measured);
-    "butterfly": log2(p) add/sub stages for it (O(n log n), but 5 ops per stage).
+    hadamard(n) sqrt(n) = B_m ⊗ S_2 ⊗ ... ⊗ S_2: any grouping of consecutive factors is a valid
+    factorisation, so `chunks` must be (m 2^a, 2^b, ...), with product n.
     """
     base, p = sylvester_split(n)
-    m = n // p
+    m = base.shape[0]
+    if math.prod(chunks) != n or chunks[0] % m or any(c & (c - 1) for c in (chunks[0] // m, *chunks[1:])):
+        msg = f"chunks {chunks} do not group hadamard({n}) = B_{m} x S_{p}"
+        raise ValueError(msg)
+    return [np.kron(base, _sylvester(chunks[0] // m)), *(_sylvester(c) for c in chunks[1:])]
+
+
+def default_plan(n: int) -> tuple[str, tuple[int, ...]]:
+    """(form, chunks) for a size not in PLANS.
+
+    Two chunks, B_m times enough of the Sylvester factor to make them as even as possible: the
+    shape of every measured winner.
+    """
+    base, p = sylvester_split(n)
+    m = base.shape[0]
+    if p == 1:
+        return "kron", (m,)
+    a = min(range(int(math.log2(p)) + 1), key=lambda a: abs(m * 2**a - p // 2**a))
+    chunks = (m << a, p >> a)
+    return "kron", tuple(c for c in chunks if c > 1) or (n,)
+
+
+def hadamard_function(
+    n: int, opset: int, form: str | None = None, *, chunks: tuple[int, ...] | None = None, signed: bool = True
+) -> ir.Function:
+    """The FunctionProto of `qpass.HadamardTransform{n}(x, signs)` (signs ±1), or, with
+    `signed=False`, of `qpass.Hadamard{n}(x)`.
+
+    form and chunks default to PLANS[n] (or default_plan(n)). form "kron": one MatMul per chunk,
+    each on one axis of a reshaped view ([c, c] @ [rows, c, rest], no Transpose), 1/sqrt(n) folded
+    into the last chunk's matrix: sum(chunks) MACs per element. "kron_t": every chunk as one
+    flat [rows * rest, c] @ [c, c] GEMM, a Transpose rotating the axes after each. "butterfly": one [m, m]
+    MatMul and log2(p) add/sub stages (O(n log n), but 5 ops per stage; slower, measured).
+    """
     x = ir.Value(name="x")
-    signs = ir.Value(name="signs")
+    signs = ir.Value(name="signs") if signed else None
     nodes: list[ir.Node] = []
 
     def add(op: str, inputs, n_out: int = 1, **attrs) -> list[ir.Value]:
@@ -90,29 +144,61 @@ def hadamard_function(n: int, opset: int, form: str = "kron") -> ir.Function:
         nodes.append(node)
         return node.outputs[0]
 
-    (shape,) = add("Shape", [x])
-    (y,) = add("Mul", [x, signs])
-    h = 1 if form == "butterfly" else p
-    if form == "kron" and p > 1:
-        (y,) = add("Reshape", [y, constant(np.asarray([-1, m, p], np.int64))])
-        (y,) = add("MatMul", [y, constant(_sylvester(p).astype(np.float32))])
-    while h < p:  # stage h: butterflies between channel bits of weight h
-        (y,) = add("Reshape", [y, constant(np.asarray([-1, m, p // (2 * h), 2, h], np.int64))])
-        if opset >= 18:
-            a, b = add("Split", [y], 2, axis=3, num_outputs=2)
-        else:
-            a, b = add("Split", [y], 2, axis=3)
-        (s,) = add("Add", [a, b])
-        (d,) = add("Sub", [a, b])
-        (y,) = add("Concat", [s, d], axis=3)
-        h *= 2
-    if m > 1:
-        (y,) = add("Reshape", [y, constant(np.asarray([-1, m, p], np.int64))])
-        (y,) = add("MatMul", [constant(np.ascontiguousarray(base.T).astype(np.float32)), y])
-    (out,) = add("Reshape", [y, shape])
+    def shape(*dims: int) -> ir.Value:
+        return constant(np.asarray(dims, np.int64))
+
+    plan_form, plan_chunks = PLANS.get(n) or default_plan(n)
+    form = form or plan_form
+    chunks = chunks or plan_chunks
+    (orig_shape,) = add("Shape", [x])
+    y = add("Mul", [x, signs])[0] if signed else x
+    if form == "kron":
+        mats = kron_chunks(n, chunks)
+        mats[-1] = mats[-1] / math.sqrt(n)
+        (y,) = add("Reshape", [y, shape(-1, mats[-1].shape[0])])
+        (y,) = add("MatMul", [y, constant(mats[-1].astype(np.float32))])
+        rest = mats[-1].shape[0]
+        for mat in reversed(mats[:-1]):  # y[.., c, rest] <- M^T @ y: one axis, batched
+            c = mat.shape[0]
+            (y,) = add("Reshape", [y, shape(-1, c, rest)])
+            (y,) = add("MatMul", [constant(np.ascontiguousarray(mat.T).astype(np.float32)), y])
+            rest *= c
+    elif form == "kron_t":
+        mats = kron_chunks(n, chunks)
+        mats[-1] = mats[-1] / math.sqrt(n)
+        layout = [m.shape[0] for m in mats]
+        k = len(layout)
+        for mat in reversed(mats):  # GEMM on the last axis, then rotate the axes by one
+            (y,) = add("Reshape", [y, shape(-1, mat.shape[0])])
+            (y,) = add("MatMul", [y, constant(mat.astype(np.float32))])
+            if k > 1:
+                (y,) = add("Reshape", [y, shape(-1, *layout)])
+                (y,) = add("Transpose", [y], perm=[0, k, *range(1, k)])
+                layout = [layout[-1], *layout[:-1]]
+    else:
+        base, p = sylvester_split(n)
+        m = n // p
+        (y,) = add("Mul", [y, constant(np.asarray(1 / math.sqrt(n), np.float32))])
+        h = 1
+        while h < p:  # stage h: butterflies between channel bits of weight h
+            (y,) = add("Reshape", [y, shape(-1, m, p // (2 * h), 2, h)])
+            if opset >= 18:
+                a, b = add("Split", [y], 2, axis=3, num_outputs=2)
+            else:
+                a, b = add("Split", [y], 2, axis=3)
+            (s,) = add("Add", [a, b])
+            (d,) = add("Sub", [a, b])
+            (y,) = add("Concat", [s, d], axis=3)
+            h *= 2
+        if m > 1:
+            (y,) = add("Reshape", [y, shape(-1, m, p)])
+            (y,) = add("MatMul", [constant(np.ascontiguousarray(base.T).astype(np.float32)), y])
+    (out,) = add("Reshape", [y, orig_shape])
     out.name = "y"
-    graph = ir.Graph([x, signs], [out], nodes=nodes, opset_imports={"": opset}, name=function_name(n))
-    return ir.Function(DOMAIN, function_name(n), graph=graph, attributes=[])
+    name = function_name(n, signed)
+    inputs = [x, signs] if signed else [x]
+    graph = ir.Graph(inputs, [out], nodes=nodes, opset_imports={"": opset}, name=name)
+    return ir.Function(DOMAIN, name, graph=graph, attributes=[])
 
 
 def hadamard_signs(matrix: np.ndarray) -> np.ndarray | None:
@@ -130,8 +216,18 @@ def hadamard_signs(matrix: np.ndarray) -> np.ndarray | None:
     return s
 
 
-def lower_rotations(model: ir.Model, mode: RotationOp, opset: int, form: str = "kron") -> list[str]:
-    """Replace Hadamard rotation MatMuls by the function op (per `mode`); returns the node names."""
+def lower_rotations(
+    model: ir.Model,
+    mode: RotationOp,
+    opset: int,
+    form: str | None = None,
+    chunks: tuple[int, ...] | None = None,
+) -> list[str]:
+    """Replace Hadamard rotation MatMuls by the function op (per `mode`); returns the node names.
+
+    A plain H (all signs +1: the rotate pass folded them into the producer) takes the one-input
+    `qpass.Hadamard{n}`, with no sign Mul.
+    """
     if mode is RotationOp.MATMUL:
         return []
     graph = model.graph
@@ -147,14 +243,18 @@ def lower_rotations(model: ir.Model, mode: RotationOp, opset: int, form: str = "
         n = matrix.shape[0]
         if signs is None or (mode is RotationOp.AUTO and n < FWHT_MIN_SIZE):
             continue
-        key = (DOMAIN, function_name(n), "")
+        signed = bool((signs != 1).any())
+        key = (DOMAIN, function_name(n, signed), "")
         if key not in model.functions:
-            model.functions[key] = hadamard_function(n, opset, form)
+            model.functions[key] = hadamard_function(n, opset, form, chunks=chunks, signed=signed)
         model.opset_imports.setdefault(DOMAIN, 1)
-        sv = ir.Value(name=f"{q.name}_signs", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
-        sv.const_value = ir.tensor((signs / math.sqrt(n)).astype(np.float32), name=sv.name)
-        graph.register_initializer(sv)
-        new = ir.node(function_name(n), [node.inputs[0], sv], domain=DOMAIN, name=f"{node.name}_fwht")
+        inputs = [node.inputs[0]]
+        if signed:
+            sv = ir.Value(name=f"{q.name}_signs", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
+            sv.const_value = ir.tensor(signs.astype(np.float32), name=sv.name)
+            graph.register_initializer(sv)
+            inputs.append(sv)
+        new = ir.node(function_name(n, signed), inputs, domain=DOMAIN, name=f"{node.name}_fwht")
         new.metadata_props[KIND_KEY] = OpKind.ROTATION.value
         old = node.outputs[0]
         new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = (

@@ -5,12 +5,13 @@ Which form a `QLinear` takes (the recipe's `lowering:` options, `OnnxLoweringCon
   DequantizeLinear (QDQ) that ORT fuses into its integer kernels; one Q/DQ pair per activation,
   shared by all the linears reading it.
 - symmetric per-channel weights (any width <= 8 stored as int8), dynamic activations (per token or
-  per tensor, symmetric): the activation is quantized in the graph (absmax -> scale -> Round ->
-  +128 -> Cast uint8), multiplied by MatMulInteger (u8 x s8 -> int32, a_zero_point 128), and
-  rescaled by the row scale times the channel scale. Exactly the torch reference (`fake_quant_act`
-  x dequantized weight). Measured against int8 x int8, DynamicQuantizeLinear (per tensor) and
-  DynamicQuantizeMatMul in `benchmarks/onnx_dynamic_candidates.py`: per tensor is ~2x faster
-  but 2-4x less accurate (one outlier token coarsens all), so not the recipe's semantics.
+  per tensor, symmetric): the activation is quantized in the graph (absmax -> scale ->
+  QuantizeLinear(x / s, 1, 128) to uint8), multiplied by com.microsoft MatMulIntegerToFloat
+  (u8 x s8, a_zero_point 128, channel scales in its epilogue) and by the row scale. The torch
+  reference (`fake_quant_act` x dequantized weight) up to float rounding of the rescale.
+  Measured against int8 x int8, DynamicQuantizeLinear (per tensor) and DynamicQuantizeMatMul
+  in `benchmarks/onnx_dynamic_candidates.py`: per tensor is ~2x faster but 2-4x less accurate
+  (one outlier token coarsens all), so not the recipe's semantics.
 - everything else with integer weights (INT4/INT8, groups, zero points, GPTQ act-order `g_idx`):
   com.microsoft MatMulNBits, or (`weight_op: dequantize_linear`) the opset-21 blocked
   DequantizeLinear + MatMul; activations, if quantized, are fake-quantized in float before it.
@@ -150,8 +151,12 @@ def _reduce_max(view, x: ir.Value, name: str, per_token: bool) -> ir.Node:
     return _new_node(view, "ReduceMax", [x], name, keepdims=1, axes=[-1])
 
 
-def _dynamic_codes(view, x: ir.Value, q: QLinear) -> tuple[ir.Value, ir.Value, list[ir.Node]]:
+def _dynamic_codes(
+    view, x: ir.Value, q: QLinear, rounded: bool = True
+) -> tuple[ir.Value, ir.Value, list[ir.Node]]:
     """Integer codes of x (as float, exact integers) and its scale: symmetric absmax / qmax.
+
+    `rounded=False` stops before the Round (x / s), for a QuantizeLinear that rounds itself.
 
     Same arithmetic as the torch reference: s = max|x| / qmax (1 where the max is 0),
     codes = round_half_even(x / s), |codes| <= qmax by construction.
@@ -167,9 +172,12 @@ def _dynamic_codes(view, x: ir.Value, q: QLinear) -> tuple[ir.Value, ir.Value, l
     tiny = _const(view, f"{base}_tiny", np.asarray(np.finfo(np.float32).tiny, np.float32))
     safe = _new_node(view, "Max", [scale.outputs[0], tiny], f"{base}_scale")
     div = _new_node(view, "Div", [x, safe.outputs[0]], f"{base}_div")
+    nodes = [absx, amax, scale, safe, div]
+    if not rounded:
+        return div.outputs[0], safe.outputs[0], nodes
     rnd = _new_node(view, "Round", [div.outputs[0]], f"{base}_round")
     # |x / s| <= qmax up to one ulp, which Round cannot push past qmax: no Clip needed
-    nodes = [absx, amax, scale, safe, div, rnd]
+    nodes.append(rnd)
     return rnd.outputs[0], safe.outputs[0], nodes
 
 
@@ -240,34 +248,36 @@ def _lower_qdq(view, node: ir.Node, q: QLinear) -> None:
 
 
 def _lower_dynamic_integer(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
-    """Dynamic symmetric activations x symmetric per-channel weights on MatMulInteger.
+    """Dynamic symmetric activations x symmetric per-channel weights on MatMulIntegerToFloat.
 
-    y = (MatMulInteger(codes(x) + 128 as uint8, W_codes int8, a_zero_point 128) as float)
-    * s_x[row] * s_w[channel]; exact in int32. The codes are shifted to uint8 because ORT's
-    MatMulInteger runs u8 x s8 on MLAS but int8 x int8 on a path 8-40x slower here
-    (benchmarks/results/onnx_dynamic_candidates.md).
+    y = MatMulIntegerToFloat(codes(x) + 128 as uint8, W_codes int8, a_zero_point 128, b_scale
+    s_w[channel]) * s_x[row]; exact in int32. The codes are shifted to uint8 because ORT's integer
+    GEMM runs u8 x s8 on MLAS but int8 x int8 on a path 8-40x slower here
+    (benchmarks/results/onnx_dynamic_candidates.md). One QuantizeLinear(x / s, 1, 128) rounds
+    (half to even, as Round), shifts and casts; com.microsoft MatMulIntegerToFloat applies the
+    channel scales in its epilogue: ORT's profiler on MiniLM at batch 32 showed the earlier
+    Round + Add + Cast and MatMulInteger + Cast + Mul + Mul chains as 3 extra passes over the
+    activation and 2 over the output (benchmarks/results/onnxruntime_vs_peers.md).
     """
     x = node.inputs[0]
     key = (x.name, "uint8", q.act)
     cache = view.lowered_inputs
     if key not in cache:
-        codes, scale, nodes = _dynamic_codes(view, x, q)
-        shift = _const(view, f"{x.name}_offset", np.asarray(128.0, np.float32))
-        shifted = _new_node(view, "Add", [codes, shift], f"{x.name}_shift")
-        cast = _new_node(view, "Cast", [shifted.outputs[0]], f"{x.name}_codes", to=ir.DataType.UINT8)
-        nodes += [shifted, cast]
-        _insert_for_input(view, x, nodes)
+        scaled, scale, nodes = _dynamic_codes(view, x, q, rounded=False)
+        one = _const(view, f"{x.name}_unit_scale", np.asarray(1.0, np.float32))
         zp = _const(view, f"{x.name}_zero_point", np.asarray(128, np.uint8))
-        cache[key] = (cast.outputs[0], scale, zp)
-    xq, xs, xzp = cache[key]
+        codes = _new_node(view, "QuantizeLinear", [scaled, one, zp], f"{x.name}_codes")
+        nodes.append(codes)
+        _insert_for_input(view, x, nodes)
+        cache[key] = (codes.outputs[0], scale, zp, one)
+    xq, xs, xzp, one = cache[key]
+    view.model.opset_imports.setdefault(MS_DOMAIN, 1)
     w_name = node.inputs[1].name
     wq = _const(view, f"{w_name}_quantized", q.codes.numpy().astype(np.int8).T)  # [K, N]
     ws = _const(view, f"{w_name}_scale", q.scales.reshape(-1).numpy().astype(np.float32))
-    mm = _new_node(view, "MatMulInteger", [xq, wq, xzp], f"{op.name}_int")
-    cast = _new_node(view, "Cast", [mm.outputs[0]], f"{op.name}_acc", to=ir.DataType.FLOAT)
-    by_row = _new_node(view, "Mul", [cast.outputs[0], xs], f"{op.name}_row_scale")
-    by_col = _new_node(view, "Mul", [by_row.outputs[0], ws], f"{op.name}_col_scale")
-    _replace_linear(view, node, [mm, cast, by_row, by_col])
+    mm = _new_node(view, "MatMulIntegerToFloat", [xq, wq, one, ws, xzp], f"{op.name}_int", domain=MS_DOMAIN)
+    by_row = _new_node(view, "Mul", [mm.outputs[0], xs], f"{op.name}_row_scale")
+    _replace_linear(view, node, [mm, by_row])
 
 
 def _lower_decomposed(view, node: ir.Node, op: OpRef, q: QLinear) -> None:

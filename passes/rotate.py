@@ -6,7 +6,9 @@ columns and
   rows and bias; through attention, a per-head Q shared by all heads: V proj -> o_proj), at
   no run-time cost;
 - online, otherwise (`online: true`): an inserted x @ Q op on the edge (e.g. down_proj, whose
-  input is an elementwise product), as QuaRot does.
+  input is an elementwise product), as QuaRot does. For Q = diag(s) H the ±1 signs are folded
+  into whatever upstream constant can take a per-channel factor (up_proj's rows through the
+  SwiGLU product, a norm's gamma and beta), so the run-time op is the bare H (no sign multiply).
 Sites fed by a norm's gamma need norm fusion first and are skipped with that reason.
 
 `layout: residual` (QuaRot) first rotates the whole residual stream offline (passes/quarot.py),
@@ -35,7 +37,7 @@ from passes.rotation_math import (
     randomized_hadamard,
 )
 from qpass.calibration import StatKind, StatRequest, Stats
-from qpass.graph.view import EditPlan, GraphView, InsertRotation, RotateChannels, SiteNote
+from qpass.graph.view import EditPlan, GraphView, InsertRotation, RotateChannels, ScaleChannels, SiteNote
 
 
 class RotationKind(enum.Enum):
@@ -156,16 +158,23 @@ class Rotate(QPass):
                 how = f"offline via {absorber.path}" + (f", per head of size {period}" if period else "")
             else:
                 sink_ops = tuple(s.op for s in site.sinks)
-                signs = None
+                signs, folded = None, ""
                 if self.config.kind is RotationKind.HADAMARD and has_hadamard(q.shape[0]):
                     signs = random_signs(q.shape[0], self.config.seed)  # q == diag(signs) @ H
+                    if not isinstance(absorber, str) and absorber.period is None:
+                        # x diag(s) H: the ±1 signs go into the producer (exact), the op is H alone
+                        for const, axis in absorber.targets:
+                            plan.edits.append(ScaleChannels(const, axis, signs, site=site.label))
+                        q = q * signs[:, None]
+                        signs = torch.ones_like(signs)
+                        folded = f", signs folded into {absorber.path}"
                 plan.edits.append(
                     InsertRotation(
                         site.value, sink_ops, q.to(torch.float32), site=site.label, hadamard_signs=signs
                     )
                 )
                 how = (
-                    "online (inserted fast Hadamard transform)"
+                    f"online (inserted fast Hadamard transform{folded})"
                     if signs is not None
                     else "online (inserted x @ Q)"
                 )

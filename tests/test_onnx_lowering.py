@@ -18,9 +18,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lowering.onnx_finalize import check_lowered
-from lowering.onnx_functions import hadamard_function, lower_rotations, sylvester_split
+from lowering.onnx_functions import hadamard_function, kron_chunks, lower_rotations, sylvester_split
 from lowering.weight_packing import _pack_nibbles
-from passes.rotation_math import hadamard, randomized_hadamard
+from passes.rotation_math import hadamard, random_signs, randomized_hadamard
 from qpass.api import quantize_with_report
 from qpass.errors import ConfigError, PassError, UnsupportedOpError
 from qpass.graph.onnx import KIND_KEY
@@ -207,13 +207,13 @@ def test_blocked_dequantize_linear_needs_opset_21():
     ],
     ids=["w8a8-token", "w4a8-token", "w4a4-token", "w8a8-dyn-tensor"],
 )
-def test_dynamic_activations_on_matmulinteger(wfmt, acfg):
+def test_dynamic_activations_on_matmulintegertofloat(wfmt, acfg):
     k = 96
     model, b = linear_model(k, seq=True)
     x = inputs(k, seq=True)
     out_model, q = quantize(model, {"weights": {"format": wfmt}, "activations": acfg}, x)
     ops = collections.Counter(op_types(out_model))
-    assert ops["MatMulInteger"] == 1 and ops["MatMul"] == 0
+    assert ops["MatMulIntegerToFloat"] == 1 and ops["MatMul"] == 0
     ref = (fake_quant_act(torch.from_numpy(x), q.act, None) @ q.dequantized_weight().T).numpy() + b
     out = run(out_model, x)
     assert rel_max(out, ref) < 1e-5
@@ -270,7 +270,7 @@ def rotation_model(n: int, matrix: np.ndarray) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("n", [16, 12, 28, 384, 576])
-@pytest.mark.parametrize("form", ["kron", "butterfly"])
+@pytest.mark.parametrize("form", ["kron", "kron_t", "butterfly"])
 def test_hadamard_function_equals_matmul(n, form):
     q = randomized_hadamard(n, 7).to(torch.float32).numpy()
     proto = rotation_model(n, q)
@@ -301,8 +301,29 @@ def test_function_body_sizes():
     assert base.shape == (12, 12) and p == 128  # 1536 = 12 x 2^7
     butterfly = hadamard_function(1536, 18, "butterfly")
     assert sum(1 for node in butterfly if node.op_type == "Concat") == 7  # log2(p) stages
-    kron = hadamard_function(1536, 18, "kron")
-    assert sum(1 for node in kron if node.op_type == "MatMul") == 2  # [p, p] and [m, m]
+    kron = hadamard_function(1536, 18, "kron", chunks=(12, 16, 8))
+    assert sum(1 for node in kron if node.op_type == "MatMul") == 3  # one per chunk: 36 MAC / element
+    assert sum(1 for node in kron if node.op_type == "Mul") == 1  # the signs; 1/sqrt(n) is in a chunk
+    plain = hadamard_function(1536, 18, "kron", signed=False)
+    assert not any(node.op_type == "Mul" for node in plain) and len(plain.inputs) == 1
+    with pytest.raises(ValueError, match="do not group"):
+        kron_chunks(1536, (16, 12, 8))  # B_12 must lead
+
+
+@pytest.mark.parametrize("form", ["kron", "kron_t"])
+@pytest.mark.parametrize(("n", "chunks"), [(1536, (12, 16, 8)), (1536, (96, 16)), (576, (36, 4, 4)), (384, (48, 8))])
+def test_hadamard_chunkings_equal_matmul(n, chunks, form):
+    for signs in (random_signs(n, 3), torch.ones(n, dtype=torch.float64)):
+        q = (signs[:, None] * hadamard(n)).to(torch.float32).numpy()
+        model = ir.serde.deserialize_model(rotation_model(n, q))
+        assert lower_rotations(model, RotationOp.FWHT, 18, form, chunks) == ["rotate_fwht"]
+        lowered = ir.serde.serialize_model(model)
+        onnx.checker.check_model(lowered, full_check=True)
+        plain = bool((signs == 1).all())
+        assert [n.op_type for n in lowered.graph.node] == [f"Hadamard{n}" if plain else f"HadamardTransform{n}"]
+        assert len(lowered.graph.node[0].input) == (1 if plain else 2)  # no signs input for the bare H
+        x = np.random.default_rng(0).standard_normal((2, 5, n)).astype(np.float32)
+        assert rel_max(run(lowered, x), x @ q) < 1e-5
 
 
 def test_checker_failure_is_a_pass_error():

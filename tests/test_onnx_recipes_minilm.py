@@ -2,9 +2,9 @@
 no custom op library) and matches the torch-side quantized model of the same recipe.
 
 CI runs a representative subset, one recipe per lowered form (static QDQ, per-token
-MatMulInteger, MatMulNBits, Hadamard function ops + MatMulInteger, MXFP4 function ops): GPTQ, alpha-searching
-smoothing and DuQuant make the other recipes minutes each on 2 cores. `QPASS_ALL_RECIPES=1` runs
-every onnxruntime-target recipe (all passed on 2026-11-23, 24 min on the shared machine).
+MatMulIntegerToFloat, MatMulNBits, Hadamard function ops + MatMulIntegerToFloat, MXFP4 function
+ops): GPTQ, alpha-searching smoothing and DuQuant make the other recipes minutes each on 2 cores.
+`QPASS_ALL_RECIPES=1` runs every built-in recipe.
 
 "Within quantization noise": the ONNX and torch quantized embeddings differ from each other by
 less than the torch one differs from FP32 (the two graphs are exported separately, so rounding
@@ -36,13 +36,13 @@ LOWERED_OP = {  # the op that shows the recipe took its intended form
     "w8a8-smooth": "QuantizeLinear",
     "w8a8-os+": "QuantizeLinear",
     "w8a8-outliertune": "QuantizeLinear",
-    "w8a8-dynamic": "MatMulInteger",
-    "w8a8-smooth-dynamic": "MatMulInteger",
+    "w8a8-dynamic": "MatMulIntegerToFloat",
+    "w8a8-smooth-dynamic": "MatMulIntegerToFloat",
     "w4a16": "MatMulNBits",
     "w4a16-gptq": "MatMulNBits",
     "w4a8-rotate": "HadamardTransform1536",
     "w4a4-rotate": "HadamardTransform1536",
-    "w4a4-duquant": "MatMulInteger",
+    "w4a4-duquant": "MatMulIntegerToFloat",
     "w8a8-int8decomp": "MatMulInteger",
     "w4a16-awq": "MatMulNBits",
     "w3a16-gptq-lorc": "MatMulNBits",  # + the LoRC MatMul pair

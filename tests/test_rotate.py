@@ -137,3 +137,22 @@ def test_width_without_hadamard_gets_a_reported_fallback(backend, tmp_path):
     result = run_pass(view, Rotate(RotateConfig()), c.batches_for(backend), PassContext(), verify=True)
     (note,) = [n for n in result.plan.applied_sites if "92x92" in n.detail]
     assert "random orthogonal (no Hadamard matrix of order 92)" in note.detail and "offline" in note.detail
+
+
+def test_online_hadamard_signs_fold_into_the_producer(llama_case, backend, onnx_dir):
+    """Q = diag(s) H: s goes into up_proj's rows (through the SwiGLU product) or a norm's gamma.
+
+    The inserted op is the bare H; the function is unchanged (verify).
+    """
+    view = llama_case.view(backend, onnx_dir)
+    batches = llama_case.batches_for(backend)
+    before = view.run(batches[-1])
+    result = run_pass(view, Rotate(RotateConfig()), batches, PassContext(), verify=True)
+    assert max_relative_error(before, view.run(batches[-1])) <= 1e-4
+    inserted = [e for e in result.plan.edits if type(e).__name__ == "InsertRotation"]
+    assert inserted and all(e.hadamard_signs is not None for e in inserted)
+    assert all(bool((e.hadamard_signs == 1).all()) for e in inserted)
+    notes = [n.detail for n in result.plan.applied_sites if "online" in n.detail]
+    # the two down_proj inputs (width 160): through the SwiGLU product into up_proj's rows
+    assert sum("(160x160)" in d and "signs folded into" in d and " <- " in d for d in notes) == 2
+    assert all("signs folded into" in d for d in notes)
