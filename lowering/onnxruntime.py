@@ -16,7 +16,7 @@ Which form a `QLinear` takes (the recipe's `lowering:` options, `OnnxLoweringCon
   com.microsoft MatMulNBits, or (`weight_op: dequantize_linear`) the opset-21 blocked
   DequantizeLinear + MatMul; activations, if quantized, are fake-quantized in float before it.
 - LLM.int8 decomposition (`QLinear.fp_channels`): Gather of the normal channels -> the per-token
-  MatMulInteger form above with the weight's normal rows, plus Gather of the outlier channels ->
+  MatMulIntegerToFloat form above with the weight's normal rows, plus Gather of the outlier channels ->
   float MatMul with their weight rows, and one Add. Both Gathers and the quantization are shared
   by the linears reading the same activation; the weight row selections are done offline.
 - float and block formats (FP8, MX, NVFP4, BFP), weights and activations: qpass-domain function
@@ -263,25 +263,41 @@ def _lower_dynamic_integer(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
     key = (x.name, "uint8", q.act)
     cache = view.lowered_inputs
     if key not in cache:
-        scaled, scale, nodes = _dynamic_codes(view, x, q, rounded=False)
-        one = _const(view, f"{x.name}_unit_scale", np.asarray(1.0, np.float32))
-        zp = _const(view, f"{x.name}_zero_point", np.asarray(128, np.uint8))
-        codes = _new_node(view, "QuantizeLinear", [scaled, one, zp], f"{x.name}_codes")
-        nodes.append(codes)
+        *operands, nodes = _uint8_codes(view, x, q, x.name)
         _insert_for_input(view, x, nodes)
-        cache[key] = (codes.outputs[0], scale, zp, one)
-    xq, xs, xzp, one = cache[key]
+        cache[key] = tuple(operands)
+    codes_kn = q.codes.numpy().astype(np.int8).T  # [K, N]
+    _replace_linear(view, node, _integer_matmul(view, node, op, q, cache[key], codes_kn))
+
+
+def _uint8_codes(view, x: ir.Value, q: QLinear, base: str):
+    """(uint8 codes, row scales, zero point 128, unit scale, nodes): the per-token codes of x.
+
+    One QuantizeLinear(x / s, 1, 128) rounds (half to even, as Round), shifts and casts.
+    """
+    scaled, scale, nodes = _dynamic_codes(view, x, q, rounded=False)
+    one = _const(view, f"{base}_unit_scale", np.asarray(1.0, np.float32))
+    zp = _const(view, f"{base}_zero_point", np.asarray(128, np.uint8))
+    codes = _new_node(view, "QuantizeLinear", [scaled, one, zp], f"{base}_codes")
+    return codes.outputs[0], scale, zp, one, [*nodes, codes]
+
+
+def _integer_matmul(
+    view, node: ir.Node, op: OpRef, q: QLinear, operands, codes_kn: np.ndarray
+) -> list[ir.Node]:
+    """MatMulIntegerToFloat(codes, W [K, N] int8, channel scales in its epilogue) * row scales."""
+    xq, xs, xzp, one = operands
     view.model.opset_imports.setdefault(MS_DOMAIN, 1)
     w_name = node.inputs[1].name
-    wq = _const(view, f"{w_name}_quantized", q.codes.numpy().astype(np.int8).T)  # [K, N]
+    wq = _const(view, f"{w_name}_quantized", codes_kn)
     ws = _const(view, f"{w_name}_scale", q.scales.reshape(-1).numpy().astype(np.float32))
     mm = _new_node(view, "MatMulIntegerToFloat", [xq, wq, one, ws, xzp], f"{op.name}_int", domain=MS_DOMAIN)
     by_row = _new_node(view, "Mul", [mm.outputs[0], xs], f"{op.name}_row_scale")
-    _replace_linear(view, node, [mm, by_row])
+    return [mm, by_row]
 
 
 def _lower_decomposed(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
-    """The MatMulInteger form over x[..., normal] plus MatMul(x[..., outliers], W_out), added."""
+    """The per-token integer form over x[..., normal] plus MatMul(x[..., outliers], W_out), added."""
     dynamic_per_token = (
         q.act is not None and q.act_qparams is None and q.act.granularity is ActGranularity.PER_TOKEN
     )
@@ -301,27 +317,18 @@ def _lower_decomposed(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
         idx_o = _const(view, f"{x.name}_outlier_channels", fp)
         x_n = _new_node(view, "Gather", [x, idx_n], f"{x.name}_normal", axis=-1)
         x_o = _new_node(view, "Gather", [x, idx_o], f"{x.name}_outliers", axis=-1)
-        codes, scale, nodes = _dynamic_codes(view, x_n.outputs[0], q)
-        shift = _const(view, f"{x.name}_normal_offset", np.asarray(128.0, np.float32))
-        shifted = _new_node(view, "Add", [codes, shift], f"{x.name}_normal_shift")
-        cast = _new_node(view, "Cast", [shifted.outputs[0]], f"{x.name}_normal_codes", to=ir.DataType.UINT8)
-        _insert_for_input(view, x, [x_n, x_o, *nodes, shifted, cast])
-        zp = _const(view, f"{x.name}_normal_zero_point", np.asarray(128, np.uint8))
-        cache[key] = (cast.outputs[0], scale, zp, x_o.outputs[0])
-    xq, xs, xzp, xo = cache[key]
+        *operands, nodes = _uint8_codes(view, x_n.outputs[0], q, f"{x.name}_normal")
+        _insert_for_input(view, x, [x_n, x_o, *nodes])
+        cache[key] = (tuple(operands), x_o.outputs[0])
+    operands, xo = cache[key]
     w_name = node.inputs[1].name
     codes_kn = q.codes.numpy().astype(np.int8)[:, normal].T  # [Kn, N]
-    wq = _const(view, f"{w_name}_quantized", codes_kn)
-    ws = _const(view, f"{w_name}_scale", q.scales.reshape(-1).numpy().astype(np.float32))
     dtype = x.dtype.numpy() if x.dtype is not None else np.float32
     wo = _const(view, f"{w_name}_outlier_rows", q.fp_weight.numpy().T.astype(dtype))  # [Ko, N]
-    mm = _new_node(view, "MatMulInteger", [xq, wq, xzp], f"{op.name}_int")
-    cast = _new_node(view, "Cast", [mm.outputs[0]], f"{op.name}_acc", to=ir.DataType.FLOAT)
-    by_row = _new_node(view, "Mul", [cast.outputs[0], xs], f"{op.name}_row_scale")
-    by_col = _new_node(view, "Mul", [by_row.outputs[0], ws], f"{op.name}_col_scale")
+    int_nodes = _integer_matmul(view, node, op, q, operands, codes_kn)
     mm_fp = _new_node(view, "MatMul", [xo, wo], f"{op.name}_outliers")
-    add = _new_node(view, "Add", [by_col.outputs[0], mm_fp.outputs[0]], f"{op.name}_sum")
-    _replace_linear(view, node, [mm, cast, by_row, by_col, mm_fp, add])
+    add = _new_node(view, "Add", [int_nodes[-1].outputs[0], mm_fp.outputs[0]], f"{op.name}_sum")
+    _replace_linear(view, node, [*int_nodes, mm_fp, add])
 
 
 def _lower_matmulnbits(view, node: ir.Node, op: OpRef, q: QLinear, config: OnnxLoweringConfig) -> None:

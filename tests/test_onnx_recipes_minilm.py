@@ -43,7 +43,7 @@ LOWERED_OP = {  # the op that shows the recipe took its intended form
     "w4a8-rotate": "HadamardTransform1536",
     "w4a4-rotate": "HadamardTransform1536",
     "w4a4-duquant": "MatMulIntegerToFloat",
-    "w8a8-int8decomp": "MatMulInteger",
+    "w8a8-int8decomp": "MatMulIntegerToFloat",
     "w4a16-awq": "MatMulNBits",
     "w3a16-gptq-lorc": "MatMulNBits",  # + the LoRC MatMul pair
     "mixed-4.5bit": "MatMulNBits",
