@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from passes.awq import AWQ, AWQConfig
 from passes.base import PassContext, QPass
+from passes.disassemble import Disassemble, DisassembleConfig
 from passes.norm_fusion import FuseNorms, FuseNormsConfig
 from passes.reorder import Reorder, ReorderConfig
 from passes.rotate import Rotate, RotateConfig
@@ -20,12 +21,15 @@ PASSES: dict[str, tuple[type, type[QPass]]] = {
     "awq": (AWQConfig, AWQ),
     "reorder": (ReorderConfig, Reorder),
     "split_quant": (SplitQuantConfig, SplitQuant),
+    "disassemble": (DisassembleConfig, Disassemble),
 }
 
 __all__ = [
     "AWQ",
     "PASSES",
     "AWQConfig",
+    "Disassemble",
+    "DisassembleConfig",
     "FuseNorms",
     "FuseNormsConfig",
     "OSPlusConfig",

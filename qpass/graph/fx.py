@@ -20,6 +20,7 @@ from qpass.graph.optable import aten_kind
 from qpass.graph.view import (
     ALL_KINDS,
     ConstRef,
+    ExpandChannels,
     GraphView,
     InsertRotation,
     NormParams,
@@ -364,6 +365,30 @@ class FxGraphView(GraphView):
         self.dirty = True
         self.invalidate()
         return ConstRef(name, (ref.out_features,))
+
+    def expand_channels(self, edit: ExpandChannels) -> None:
+        """Swap the attribute for the rebuilt tensor; record the new width in the values' meta."""
+        new = self._expanded(edit)
+        owner: Any = self.gm
+        *path, leaf = edit.const.name.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        old = getattr(owner, leaf)
+        if isinstance(old, torch.nn.Parameter):
+            setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            setattr(owner, leaf, new)  # a buffer or plain tensor attribute: replaced in place
+        width = new.shape[edit.axis % new.dim()]
+        for value in edit.values:
+            node = self._nodes[value.name]
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                dims = [int(d) if isinstance(d, int) else None for d in val.shape[:-1]]
+                if None in dims:
+                    node.meta.pop("val")  # symbolic dims: the shape is unknown rather than wrong
+                else:
+                    node.meta["val"] = torch.empty((*dims, width), dtype=val.dtype, device="meta")
+        self.dirty = True
 
     def split_op(self, edit: SplitOp) -> None:
         """linear(x, cat(W_i), cat(b_i)) -> unflatten(-1, [k, out]) -> sum(-2), replacing the linear."""
