@@ -36,6 +36,8 @@ def select_kernel(q: QLinear) -> LinearKernel:
         return LinearKernel.REFERENCE
     if not q.integer_weight:  # float / block formats (FP8, MX, NVFP4, BFP): reference path
         return LinearKernel.REFERENCE
+    if q.group_axis == "out":  # AdaDim groups along output rows: no packed kernel takes them
+        return LinearKernel.REFERENCE
     int8_weight = q.bits == 8 and q.zero_points is None and q.per_channel and q.g_idx is None
     if int8_weight and q.act is not None and q.act.format == "int8":
         if q.act.dynamic and q.act.granularity is ActGranularity.PER_TOKEN:
@@ -69,6 +71,7 @@ class QuantLinear(torch.nn.Module):
         self.element = None if q.codes is None or q.integer_weight else q.spec.element
         self.act = q.act
         self.act_qparams = q.act_qparams
+        self.group_axis = q.group_axis
         self.kernel = select_kernel(q)
         # True while saving: forward reads only the saved (packed) state, never the float cache
         self.packed_only = False
@@ -156,6 +159,7 @@ class QuantLinear(torch.nn.Module):
                 self.weight_zero_points,
                 self.weight_g_idx,
                 self.element,
+                getattr(self, "group_axis", "in"),
             )
         return F.linear(x.to(torch.float32), w, bias).to(dtype)
 
