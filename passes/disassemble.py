@@ -248,6 +248,11 @@ class Disassemble(QPass):
         sites, rejected = find_sites(view)
         notes += [SiteNote(label, False, why) for label, why in rejected]
         for site in sites:
+            if view.is_graph_output(site.value):
+                notes.append(
+                    SiteNote(site.label, False, f"'{site.value.name}' is a graph output (its width is fixed)")
+                )
+                continue
             region = _walk(view, site.value, site.channels, True)
             if not isinstance(region, str):
                 region = region.check(view, site.value) or region

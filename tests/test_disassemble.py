@@ -89,3 +89,39 @@ def test_config_validation():
         DisassembleConfig(threshold=0.5)
     recipe = qpass.get_recipe({"passes": [{"disassemble": {}}]})
     assert recipe.passes[0].name == "disassemble"
+
+
+class _TwoLinears(torch.nn.Module):
+    """x -> fc1 (+bias) -> fc2: the linear producer case, with 2 outlier output rows in fc1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(32, 48)
+        self.fc2 = torch.nn.Linear(48, 16)
+        with torch.no_grad():
+            self.fc1.weight[[5, 30]] *= 50.0
+            self.fc1.bias[[5, 30]] *= 50.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x))
+
+
+def test_expand_channels_contract(backend, tmp_path):
+    """ExpandChannels on both adapters: constants rebuilt with a new width, the widened value's
+    recorded shape follows, the function is unchanged.
+    """
+    torch.manual_seed(0)
+    case = Case("two_linears", _TwoLinears().eval(), [torch.randn(2, 8, 32) for _ in range(3)], ["x"])
+    view = case.view(backend, tmp_path)
+    batches = case.batches_for(backend)
+    before = view.run(batches[-1])
+    result = run_pass(
+        view, Disassemble(DisassembleConfig(max_extra=0.5)), batches, PassContext(), verify=True
+    )
+    (note,) = result.plan.applied_sites
+    assert "2 outlier channels" in note.detail
+    assert max_relative_error(before, view.run(batches[-1])) <= 1e-4
+    fc2 = [op for op in view.ops() if view.weight(op) is not None][-1]
+    width = view.weight(fc2).in_features
+    assert width > 48
+    assert view.shape(view.linear_input(fc2))[-1] == width

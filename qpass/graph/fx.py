@@ -88,6 +88,20 @@ def _is_captured(gm: fx.GraphModule) -> bool:
     return bool(gm.meta.get("qpass_captured"))
 
 
+def _with_last_dim(val: torch.Tensor, width: int) -> torch.Tensor | None:
+    """A fake tensor like `val` (same fake mode, same symbolic dims) with its last dimension `width`."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([val])
+    try:
+        if mode is None:
+            return torch.empty((*val.shape[:-1], width), dtype=val.dtype, device="meta")
+        with mode:
+            return val.new_empty((*val.shape[:-1], width))
+    except Exception:  # noqa: BLE001 - an unknown shape is better than a wrong one
+        return None
+
+
 def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
     obj: Any = gm
     for part in target.split("."):
@@ -383,11 +397,7 @@ class FxGraphView(GraphView):
             node = self._nodes[value.name]
             val = node.meta.get("val")
             if isinstance(val, torch.Tensor):
-                dims = [int(d) if isinstance(d, int) else None for d in val.shape[:-1]]
-                if None in dims:
-                    node.meta.pop("val")  # symbolic dims: the shape is unknown rather than wrong
-                else:
-                    node.meta["val"] = torch.empty((*dims, width), dtype=val.dtype, device="meta")
+                node.meta["val"] = _with_last_dim(val, width)
         self.dirty = True
 
     def split_op(self, edit: SplitOp) -> None:
