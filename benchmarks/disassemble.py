@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -165,8 +166,8 @@ def to_markdown(rows, whole, minilm) -> str:
             f"| {r['model']} | {r['activations']} | {r['max_extra']:g} | {r['errors'][0]:.4f} | {r['errors'][1]:.4f} |"
         )
     if minilm is not None:
-        out += ["", "## MiniLM-L6: no site qualifies", "", "| reason (first words) | sites |", "|---|---:|"]
-        counts = Counter(" ".join(d.split()[2:9]) if "'" in d else d for d in minilm)
+        out += ["", "## MiniLM-L6: no site qualifies", "", "| reason | sites |", "|---|---:|"]
+        counts = Counter(re.sub(r"'[^']*'", "'…'", d) for d in minilm)
         out += [f"| {k} | {v} |" for k, v in counts.most_common()]
     return "\n".join(out) + "\n"
 
