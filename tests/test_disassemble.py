@@ -125,3 +125,30 @@ def test_expand_channels_contract(backend, tmp_path):
     width = view.weight(fc2).in_features
     assert width > 48
     assert view.shape(view.linear_input(fc2))[-1] == width
+
+
+@pytest.mark.slow
+def test_minilm_has_no_foldable_site_and_stays_exact(tmp_path):
+    """Real MiniLM on FX and ONNX: every linear input comes from a LayerNorm (residual), GELU or
+    attention, so nothing is split, each skip says why, and the function is untouched.
+    """
+    from qpass import zoo
+    from qpass.graph.fx import FxGraphView, capture, clone_graph_module
+    from qpass.graph.onnx import OnnxGraphView, load_model
+
+    embedder, tok = zoo.load_minilm_embedder()
+    batches = zoo.minilm_batches(tok, zoo.sentences("calib", 8), batch_size=4, max_len=32)
+    torch_batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
+    path = zoo.export_minilm_onnx(tmp_path / "minilm.onnx", embedder=embedder)
+    for view, bs in (
+        (FxGraphView(clone_graph_module(capture(embedder, torch_batches[0]))), torch_batches),
+        (OnnxGraphView(load_model(path)), batches),
+    ):
+        before = view.run(bs[-1])
+        result = run_pass(view, Disassemble(DisassembleConfig()), bs, PassContext(), verify=True)
+        assert not result.plan.applied_sites and not result.plan.edits
+        reasons = " | ".join(n.detail for n in result.plan.skipped_sites)
+        assert "residual" in reasons or "also feeds" in reasons  # LayerNorm outputs
+        if view.backend == "fx":  # ONNX decomposes GELU (x * 0.5 * (1 + erf(x / sqrt 2))): other words
+            assert "head layout" in reasons and "f(x / T) != f(x) / T" in reasons
+        assert max_relative_error(before, view.run(bs[-1])) <= 1e-4
