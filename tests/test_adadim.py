@@ -60,6 +60,7 @@ def test_config_validation():
     assert WeightQuantConfig(format="int4", group=32, group_axis="auto").needs_hessian
     recipe = qpass.get_recipe({"weights": {"format": "int3", "group": 32, "group_axis": "auto"}})
     assert recipe.weights.group_axis == "auto"
+    assert qpass.get_recipe("w4a16-adadim").weights.group_axis == "auto"
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -89,6 +89,8 @@ def test_config_validation():
         DisassembleConfig(threshold=0.5)
     recipe = qpass.get_recipe({"passes": [{"disassemble": {}}]})
     assert recipe.passes[0].name == "disassemble"
+    builtin = qpass.get_recipe("w8a8-disassemble")
+    assert builtin.passes[0].name == "disassemble" and builtin.activations.format == "int8"
 
 
 class _TwoLinears(torch.nn.Module):
