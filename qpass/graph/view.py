@@ -229,21 +229,6 @@ CONSTANT_EDITS = (
     RotateChannels,
     PermuteChannels,
 )  # undone by restoring the constants
-Edit = (
-    ScaleChannels
-    | ShiftChannels
-    | RotateChannels
-    | InsertRotation
-    | ReplaceWithQOp
-    | PermuteChannels
-    | SplitOp
-)
-CONSTANT_EDITS = (
-    ScaleChannels,
-    ShiftChannels,
-    RotateChannels,
-    PermuteChannels,
-)  # undone by restoring the constants
 
 
 @dataclass
