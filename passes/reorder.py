@@ -72,7 +72,7 @@ class ReorderConfig:
     key: ReorderKey = ReorderKey.ACTIVATION
     linear_inputs: bool = True
     k_cache: bool = True
-    outlier_ratio: float = 4.0  # balance: a channel above this multiple of the median moves
+    outlier_ratio: float = 4.0  # a channel above this multiple of the median is an outlier (both methods)
     per_head: bool = True  # head sites: one permutation per head where the head counts agree
 
     def __post_init__(self) -> None:
@@ -88,9 +88,24 @@ class ReorderConfig:
 
 
 # ----------------------------------------------------------------------------- permutations
-def sort_permutation(key: torch.Tensor) -> torch.Tensor:
-    """perm[i] = the channel stored at position i: channels by descending magnitude (stable)."""
-    return torch.argsort(-key.to(torch.float64), stable=True)
+def sort_permutation(key: torch.Tensor, block: int | None = None, ratio: float | None = None) -> torch.Tensor:
+    """perm[i] = the channel stored at position i: channels by descending magnitude (stable).
+
+    With `block` and `ratio`: the outliers (key > ratio x median) first, then, in the free slots
+    of their last block, the smallest channels rather than the next largest: whatever shares a
+    block with an outlier is quantized with the outlier's scale (small values round to zero, an
+    error of their own size), so the channels that lose least should be the ones there.
+    """
+    k = key.to(torch.float64)
+    order = torch.argsort(-k, stable=True)
+    if block is None or ratio is None:
+        return order
+    n_out = int((k > ratio * k.median().clamp_min(1e-30)).sum())
+    free = (-n_out) % block
+    if n_out == 0 or free == 0 or n_out + free > k.numel():
+        return order
+    rest = order[n_out:]
+    return torch.cat([order[:n_out], rest[rest.numel() - free :], rest[: rest.numel() - free]])
 
 
 def balance_permutation(key: torch.Tensor, block: int, ratio: float) -> torch.Tensor:
@@ -445,7 +460,7 @@ class Reorder(QPass):
         for site in usable:
             keys = self._keys(site, stats)
             if cfg.method is ReorderMethod.SORT:
-                perms = [sort_permutation(k) for k in keys]
+                perms = [sort_permutation(k, cfg.block, cfg.outlier_ratio) for k in keys]
             else:
                 perms = [balance_permutation(k, cfg.block, cfg.outlier_ratio) for k in keys]
             ident = torch.arange(site.period)

@@ -108,6 +108,10 @@ def test_permutations():
     key = torch.tensor([1.0, 50.0, 1.0, 1.0, 2.0, 1.0, 60.0, 1.0])
     perm = sort_permutation(key)
     assert perm[:2].tolist() == [6, 1]
+    # the outliers' block of 4 is filled with the smallest channels, not the next largest (4)
+    filled = sort_permutation(key, block=4, ratio=4.0)
+    assert filled[:2].tolist() == [6, 1] and 4 not in filled[:4].tolist()
+    assert sorted(filled.tolist()) == list(range(8))
     bal = balance_permutation(key, block=4, ratio=4.0)
     assert sorted(bal.tolist()) == list(range(8))
     assert {int(bal[i]) for i in range(4)} >= {1, 6} or {int(bal[i]) for i in range(4, 8)} >= {1, 6}
