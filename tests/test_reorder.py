@@ -187,16 +187,21 @@ def test_reorder_is_exact_on_minilm_fx_and_onnx(tmp_path):
     batches = zoo.minilm_batches(tok, zoo.sentences("calib", 16), batch_size=8, max_len=32)
     torch_batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
     path = zoo.export_minilm_onnx(tmp_path / "minilm.onnx", embedder=embedder)
-    for view, bs in (
-        (FxGraphView(clone_graph_module(capture(embedder, torch_batches[0]))), torch_batches),
-        (OnnxGraphView(load_model(path)), batches),
+    for make, bs in (
+        (lambda: FxGraphView(clone_graph_module(capture(embedder, torch_batches[0]))), torch_batches),
+        (lambda: OnnxGraphView(load_model(path)), batches),
     ):
-        n_ops = len(list(view.ops()))
-        before = view.run(bs[-1])
-        result = _run(view, bs, block=32)
-        assert len(result.plan.applied_sites) == 6  # the six FFN down-projection inputs
-        assert len(list(view.ops())) == n_ops
-        assert max_relative_error(before, view.run(bs[-1])) <= 1e-4
+        for block in (32, 8):
+            view = make()
+            n_ops = len(list(view.ops()))
+            before = view.run(bs[-1])
+            result = _run(view, bs, block=block)
+            if block == 32:
+                assert len(result.plan.applied_sites) == 6  # the six FFN down-projection inputs
+            else:  # heads of 32: one permutation per head (12 heads) at the attention outputs
+                assert any("(12 permutations)" in n.detail for n in result.plan.applied_sites)
+            assert len(list(view.ops())) == n_ops
+            assert max_relative_error(before, view.run(bs[-1])) <= 1e-4
 
 
 def _normal_channel_mse(t: torch.Tensor, spec) -> float:
