@@ -23,7 +23,8 @@ the median channel absmax).
 QLLM's assembly step (merge the most similar channel pairs so the width is unchanged) is not
 applied: it replaces x_i w_i + x_j w_j by (x_i + x_j) / 2 (w_i + w_j), which is approximate,
 and passes here must be exact. The activation and the consumers' inputs grow by the added
-channels (reported per site).
+channels (reported per site), padded with zero channels to a multiple of the recipe's weight
+group (`multiple_of`) so grouped weight quantization still tiles the widened input.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class DisassembleConfig:
     max_extra: float = 0.1
     max_split: int = 64
     threshold: float | None = None
+    multiple_of: int | None = None  # pad the new width with zero channels to a multiple (None: the
+    # recipe's weight group, so grouped weight quantization still tiles the widened input)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.max_extra <= 4.0:
@@ -64,6 +67,9 @@ class DisassembleConfig:
             raise ConfigError(msg)
         if self.max_split < 2:
             msg = f"recipe key 'disassemble.max_split': must be >= 2, got {self.max_split}"
+            raise ConfigError(msg)
+        if self.multiple_of is not None and self.multiple_of < 1:
+            msg = f"recipe key 'disassemble.multiple_of': must be >= 1, got {self.multiple_of}"
             raise ConfigError(msg)
         if self.threshold is not None and self.threshold <= 1.0:
             msg = f"recipe key 'disassemble.threshold': must be > 1 (x median absmax), got {self.threshold}"
@@ -289,6 +295,14 @@ class Disassemble(QPass):
                 plan.notes.append(SiteNote(site.label, False, "no channel worth splitting within the budget"))
                 continue
             index, scale = expansion(splits)
+            multiple = self.config.multiple_of or (
+                ctx.weights.group if ctx.weights and ctx.weights.group else 1
+            )
+            pad = (-index.numel()) % multiple
+            if pad:  # zero channels: the scaled constants emit 0 there, whatever the consumers read
+                index = torch.cat([index, torch.zeros(pad, dtype=torch.long)])
+                scale = torch.cat([scale, torch.zeros(pad, dtype=torch.float64)])
+            added = index.numel() - splits.numel()
             values = tuple(dict.fromkeys(region.values))
             unique = {c.name: (c, a) for c, a in region.repeat}
             for name, (const, axis) in unique.items():
@@ -305,7 +319,8 @@ class Disassemble(QPass):
                     site.label,
                     True,
                     f"{split} outlier channels split into {int(splits[splits > 1].sum())} "
-                    f"(T up to {int(splits.max())}); width {splits.numel()} -> {splits.numel() + added} "
+                    f"(T up to {int(splits.max())}{f', {pad} zero channels' if pad else ''}); "
+                    f"width {splits.numel()} -> {splits.numel() + added} "
                     f"(+{added}, no assembly: QLLM's merge is approximate); absmax {before:.3g} -> {after:.3g}",
                 )
             )

@@ -154,3 +154,18 @@ def test_minilm_has_no_foldable_site_and_stays_exact(tmp_path):
         if view.backend == "fx":  # ONNX decomposes GELU (x * 0.5 * (1 + erf(x / sqrt 2))): other words
             assert "head layout" in reasons and "f(x / T) != f(x) / T" in reasons
         assert max_relative_error(before, view.run(bs[-1])) <= 1e-4
+
+
+def test_width_padded_to_the_weight_group(massive_cases):
+    """With grouped weights the widened input is padded with zero channels to a multiple of the
+    group, so INT4 g32 quantization of the consumers still tiles (and the FP function holds).
+    """
+    case = massive_cases["llama"]
+    x = case.batches[-1]
+    ref = case.reference(x)
+    recipe = {"passes": [{"disassemble": {}}], "weights": {"format": "int4", "group": 32}, "target": "torch"}
+    report = qpass.quantize_with_report(case.model, recipe, case.batches[:2])
+    widths = [m._weight.shape[1] for m in report.model.modules() if type(m).__name__ == "QuantLinear"]
+    assert any(w > 128 and w % 32 == 0 for w in widths), widths
+    with torch.no_grad():
+        assert float((report.model(x) - ref).norm() / ref.norm()) < 0.2
