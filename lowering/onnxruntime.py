@@ -77,6 +77,15 @@ def lower_linear_onnx(view, op: OpRef, q: QLinear, config: OnnxLoweringConfig | 
 
         x_corr = _act_float(view, node, q) if q.act is not None else node.inputs[0]
         add_corrections(view, node, q, x_corr, _new_node)
+    if q.group_axis == "out":  # AdaDim: only the blocked DequantizeLinear has blocks along N
+        if config.weight_op is WeightOp.MATMULNBITS:
+            msg = (
+                f"node '{op.name}': recipe key 'lowering.weight_op': matmulnbits blocks run along K; "
+                "weights grouped along the output rows (weights.group_axis out/auto) need dequantize_linear"
+            )
+            raise UnsupportedOpError(msg)
+        _lower_blocked_dq(view, node, op, q)
+        return
     dynamic = q.act is not None and q.act_qparams is None and not block_act
     integer_ok = q.per_channel and q.zero_points is None and q.g_idx is None
     if config.weight_op is WeightOp.AUTO and integer_ok and dynamic:
@@ -421,7 +430,7 @@ def _lower_blocked_dq(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
     if arrays.zero_points is not None:
         dq_inputs.append(_const(view, f"{w_name}_zero_point", arrays.zero_points))
     # blocks along K (axis 0 of [K, N]); per output channel: one scale per column (axis 1)
-    attrs = {"axis": 1} if arrays.block_size is None else {"axis": 0, "block_size": arrays.block_size}
+    attrs = {"axis": 1} if arrays.block_size is None else {"axis": arrays.axis, "block_size": arrays.block_size}
     dq = _new_node(view, "DequantizeLinear", dq_inputs, f"{op.name}_weight_dq", **attrs)
     mm = _new_node(view, "MatMul", [a, dq.outputs[0]], f"{op.name}_matmul")
     _replace_linear(view, node, [*nodes, dq, mm])

@@ -43,6 +43,8 @@ def select_kernel(q: QLinear) -> LinearKernel:
         return LinearKernel.REFERENCE
     if not q.integer_weight:  # float / block formats: the MX kernel where it decodes them
         return LinearKernel.MX if mx_kernel_fits(q) else LinearKernel.REFERENCE
+    if q.group_axis == "out":  # AdaDim groups along output rows: no packed kernel takes them
+        return LinearKernel.REFERENCE
     int8_weight = q.bits == 8 and q.zero_points is None and q.per_channel and q.g_idx is None
     if q.fp_channels is not None:  # LLM.int8 decomposition (lowering/torch_decompose.py)
         per_token = (
@@ -97,6 +99,7 @@ class QuantLinear(torch.nn.Module):
         self.element = None if q.codes is None or q.integer_weight else q.spec.element
         self.act = q.act
         self.act_qparams = q.act_qparams
+        self.group_axis = q.group_axis
         self.kernel = select_kernel(q)
         self.spec = q.spec
         self.tensor_scale = q.tensor_scale
@@ -222,6 +225,7 @@ class QuantLinear(torch.nn.Module):
                 self.weight_zero_points,
                 self.weight_g_idx,
                 self.element,
+                getattr(self, "group_axis", "in"),
             )
         return F.linear(x.to(torch.float32), w, bias).to(dtype)
 

@@ -53,6 +53,7 @@ class BlockedDQ:
     zero_points: np.ndarray | None  # same shape and width as the codes' type; None: symmetric
     block_size: int | None  # None: per output channel (axis 1)
     order: np.ndarray | None  # int64 [K]: x[..., order] @ W[order, :]
+    axis: int = 0  # the blocked axis of [K, N]: 0 (groups of input channels) or 1 (AdaDim: of outputs)
 
 
 def container_bits(bits: int) -> int:
@@ -161,6 +162,12 @@ def blocked_dq_arrays(q: QLinear) -> BlockedDQ:
         (8, True): np.int8,
         (8, False): np.uint8,
     }[(cbits, signed)]
+    zp_dtype = dtype
+    if q.group_axis == "out":  # scales [out_groups, in]: blocks of output columns of [K, N]
+        codes_kn = np.ascontiguousarray(q.codes.numpy().T).astype(dtype)
+        scales = np.ascontiguousarray(q.scales.numpy().astype(np.float32).T)
+        zp = None if signed else np.ascontiguousarray(q.zero_points.numpy().T).astype(zp_dtype)
+        return BlockedDQ(codes_kn, scales, zp, q.group_size, None, axis=1)
     order = _act_order(q)
     codes = q.codes.numpy()
     if order is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from passes.awq import AWQ, AWQConfig
 from passes.base import PassContext, QPass
 from passes.decompose import Int8Decompose, Int8DecomposeConfig
+from passes.disassemble import Disassemble, DisassembleConfig
 from passes.norm_fusion import FuseNorms, FuseNormsConfig
 from passes.reorder import Reorder, ReorderConfig
 from passes.rotate import Rotate, RotateConfig
@@ -22,12 +23,15 @@ PASSES: dict[str, tuple[type, type[QPass]]] = {
     "reorder": (ReorderConfig, Reorder),
     "split_quant": (SplitQuantConfig, SplitQuant),
     "int8_decompose": (Int8DecomposeConfig, Int8Decompose),
+    "disassemble": (DisassembleConfig, Disassemble),
 }
 
 __all__ = [
     "AWQ",
     "PASSES",
     "AWQConfig",
+    "Disassemble",
+    "DisassembleConfig",
     "FuseNorms",
     "FuseNormsConfig",
     "Int8Decompose",

@@ -16,6 +16,13 @@ The permutation is folded into constants at compile time, so the graph gains no 
   anything but head-layout ops (reshape, transpose, GQA repeat, a scalar scale) between the
   projections and Q K^T is skipped with a reason: RoPE's rotate_half pairs dims i and
   i + d/2, which a free permutation would break.
+
+Head sites (K cache, V -> o_proj) get one permutation per head when every constant of the
+site has as many heads as the activation (multi-head attention: head h of the producer is
+head h of the consumer under the head split/merge reshapes): LLMs' outlier channels sit at
+different positions in different heads, and one shared permutation could not cluster them
+all. Under GQA (fewer K/V heads than Q heads) one permutation is shared by all heads, chosen
+from the largest magnitude over heads.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 from passes.base import PassContext, QPass
 from passes.regions import Absorber, Site, find_absorber, find_sites, is_channel_vector
 from qpass.calibration import StatRequest, Stats
-from qpass.errors import ConfigError
+from qpass.errors import ConfigError, PassError
 from qpass.graph.view import (
     ConstRef,
     EditPlan,
@@ -65,7 +72,8 @@ class ReorderConfig:
     key: ReorderKey = ReorderKey.ACTIVATION
     linear_inputs: bool = True
     k_cache: bool = True
-    outlier_ratio: float = 4.0  # balance: a channel above this multiple of the median moves
+    outlier_ratio: float = 4.0  # a channel above this multiple of the median is an outlier (both methods)
+    per_head: bool = True  # head sites: one permutation per head where the head counts agree
 
     def __post_init__(self) -> None:
         if self.block < 2:
@@ -80,9 +88,24 @@ class ReorderConfig:
 
 
 # ----------------------------------------------------------------------------- permutations
-def sort_permutation(key: torch.Tensor) -> torch.Tensor:
-    """perm[i] = the channel stored at position i: channels by descending magnitude (stable)."""
-    return torch.argsort(-key.to(torch.float64), stable=True)
+def sort_permutation(key: torch.Tensor, block: int | None = None, ratio: float | None = None) -> torch.Tensor:
+    """perm[i] = the channel stored at position i: channels by descending magnitude (stable).
+
+    With `block` and `ratio`: the outliers (key > ratio x median) first, then, in the free slots
+    of their last block, the smallest channels rather than the next largest: whatever shares a
+    block with an outlier is quantized with the outlier's scale (small values round to zero, an
+    error of their own size), so the channels that lose least should be the ones there.
+    """
+    k = key.to(torch.float64)
+    order = torch.argsort(-k, stable=True)
+    if block is None or ratio is None:
+        return order
+    n_out = int((k > ratio * k.median().clamp_min(1e-30)).sum())
+    free = (-n_out) % block
+    if n_out == 0 or free == 0 or n_out + free > k.numel():
+        return order
+    rest = order[n_out:]
+    return torch.cat([order[:n_out], rest[rest.numel() - free :], rest[: rest.numel() - free]])
 
 
 def balance_permutation(key: torch.Tensor, block: int, ratio: float) -> torch.Tensor:
@@ -117,6 +140,17 @@ def tile_permutation(perm: torch.Tensor, width: int) -> torch.Tensor:
     """The same permutation inside each consecutive group of len(perm) channels (per head)."""
     period = perm.numel()
     return torch.cat([h * period + perm for h in range(width // period)])
+
+
+def head_permutation(perms: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Head h of a `width`-wide axis takes perms[h]; one permutation is tiled over every head."""
+    if len(perms) == 1:
+        return tile_permutation(perms[0], width)
+    period = perms[0].numel()
+    if width != period * len(perms):
+        msg = f"{len(perms)} head permutations of {period} do not cover {width} channels"
+        raise PassError(msg)
+    return torch.cat([h * period + p for h, p in enumerate(perms)])
 
 
 def blocks_max_mse_proxy(key: torch.Tensor, perm: torch.Tensor, block: int) -> float:
@@ -410,36 +444,45 @@ class Reorder(QPass):
             return []
         return [StatRequest(s.value) for s in self._sites(view)[0]]
 
-    def _key(self, site: PermutableSite, stats: Stats) -> torch.Tensor:
+    def _keys(self, site: PermutableSite, stats: Stats) -> torch.Tensor:
+        """[heads, period] magnitudes: one row per permutation to choose (one row if shared)."""
         key = stats[site.value].absmax if self.config.key is ReorderKey.ACTIVATION else site.weight_key
-        return key.to(torch.float64).reshape(-1, site.period).amax(0)
+        key = key.to(torch.float64).reshape(-1, site.period)
+        tiles = {const.shape[axis] // site.period for const, axis in (*site.sinks, *site.sources)}
+        if self.config.per_head and tiles == {key.shape[0]}:
+            return key
+        return key.amax(0, keepdim=True)
 
     def plan(self, view: GraphView, stats: Stats, ctx: PassContext) -> EditPlan:
         usable, notes = self._sites(view)
         plan = EditPlan(self.name, notes=notes)
         cfg = self.config
         for site in usable:
-            key = self._key(site, stats)
+            keys = self._keys(site, stats)
             if cfg.method is ReorderMethod.SORT:
-                perm = sort_permutation(key)
+                perms = [sort_permutation(k, cfg.block, cfg.outlier_ratio) for k in keys]
             else:
-                perm = balance_permutation(key, cfg.block, cfg.outlier_ratio)
+                perms = [balance_permutation(k, cfg.block, cfg.outlier_ratio) for k in keys]
             ident = torch.arange(site.period)
-            if torch.equal(perm, ident):
+            if all(torch.equal(p, ident) for p in perms):
                 plan.notes.append(SiteNote(site.label, False, "channels already in the chosen order"))
                 continue
-            before = blocks_max_mse_proxy(key, ident, cfg.block)
-            after = blocks_max_mse_proxy(key, perm, cfg.block)
+            before = sum(blocks_max_mse_proxy(k, ident, cfg.block) for k in keys)
+            after = sum(blocks_max_mse_proxy(k, p, cfg.block) for k, p in zip(keys, perms, strict=True))
             for const, axis in (*site.sinks, *site.sources):
-                full = tile_permutation(perm, const.shape[axis])
+                full = head_permutation(perms, const.shape[axis])
                 plan.edits.append(PermuteChannels(const, axis, full, site=site.label))
-            moved = int((perm != ident).sum())
-            head = f", per head of size {site.period}" if site.period != site.width else ""
+            moved = sum(int((p != ident).sum()) for p in perms)
+            head = ""
+            if site.period != site.width:
+                head = f", per head of size {site.period}" + (
+                    f" ({len(perms)} permutations)" if len(perms) > 1 else " (one shared permutation)"
+                )
             plan.notes.append(
                 SiteNote(
                     site.label,
                     True,
-                    f"{site.what}: {cfg.method.value} moved {moved}/{site.period} channels{head}; "
+                    f"{site.what}: {cfg.method.value} moved {moved}/{site.period * len(perms)} channels{head}; "
                     f"block-scale cost {before / max(after, 1e-30):.2f}x lower",
                 )
             )

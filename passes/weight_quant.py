@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from passes.weights import QuantizedWeight, gptq, low_rank_compensation, protect_outliers, rtn
+from passes.weights import (
+    QuantizedWeight,
+    gptq,
+    layer_error,
+    low_rank_compensation,
+    protect_outliers,
+    rtn,
+    rtn_out_groups,
+)
 from qpass.errors import PreconditionError
 from qpass.formats import QuantSpec
 from qpass.qconfig import WeightQuantConfig
@@ -73,6 +81,8 @@ def quantize_weight(
             f"layer '{layer}': weights.algo=gptq / weights.protect need calibration X^T X, none was collected"
         )
         raise PreconditionError(msg)
+    if cfg.group_axis != "in":
+        return LayerWeight(adaptive_dim(w, cfg, spec, xtx, layer=layer))
     k = _protect_count(cfg, w.numel())
     keep = split = None
     if k:
@@ -103,3 +113,22 @@ def quantize_weight(
         u, v = low_rank_compensation(w, result.effective(), rank, xtx)
         result = LayerWeight(qw, u, v, result.outlier_rows, result.outlier_cols, result.outlier_values)
     return result
+
+
+def adaptive_dim(
+    w: torch.Tensor, cfg: WeightQuantConfig, spec: QuantSpec, xtx: torch.Tensor | None, *, layer: str = "?"
+) -> QuantizedWeight:
+    """AdaDim: RTN groups along the output rows ("out"), or per layer whichever of the two group
+    dimensions gives the lower output error tr(dW X^T X dW^T) / tr(W X^T X W^T) ("auto").
+    A layer whose output count the group does not divide keeps the usual groups.
+    """
+    if w.shape[0] % (cfg.group or 1):
+        return rtn(w, spec, clip_search=cfg.clip_search)
+    out = rtn_out_groups(w, spec, clip_search=cfg.clip_search)
+    if cfg.group_axis == "out":
+        return out
+    if xtx is None:
+        msg = f"layer '{layer}': weights.group_axis=auto needs calibration X^T X, none was collected"
+        raise PreconditionError(msg)
+    usual = rtn(w, spec, clip_search=cfg.clip_search)
+    return out if layer_error(w, out.dequantized(), xtx) < layer_error(w, usual.dequantized(), xtx) else usual

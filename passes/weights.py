@@ -51,6 +51,7 @@ __all__ = [
     "QuantizedWeight",
     "gptq",
     "layer_error",
+    "rtn_out_groups",
     "low_rank_compensation",
     "protect_outliers",
     "rtn",
@@ -84,6 +85,9 @@ class QuantizedWeight:
     spec: QuantSpec
     kept: torch.Tensor | None = None  # gptq(keep=...): float32 [out, in], the kept weights' values, else 0
     tensor_scale: float | None = None  # NVFP4: scales = e4m3(scale byte) * tensor_scale (kernels re-encode)
+    # "out" (AdaDim): groups of `group_size` output rows per input column; scales and zero
+    # points are then [out_groups, in] and g_idx is unused
+    group_axis: str = "in"
 
     @property
     def shape(self) -> torch.Size:
@@ -98,11 +102,19 @@ class QuantizedWeight:
     @property
     def sequential_groups(self) -> bool:
         """True when ``g_idx[j] == j // group_size`` (plain blocked layout, no ``g_idx`` needed)."""
+        if self.group_axis == "out":
+            return True
         j = torch.arange(self.g_idx.numel(), device=self.g_idx.device)
         return bool(torch.equal(self.g_idx.to(torch.int64), j // self.group_size))
 
     def dequantized(self) -> torch.Tensor:
         """float32 ``W_q`` ``[out, in]`` in the original column order (the MatMulNBits formula)."""
+        if self.group_axis == "out":
+            g = torch.arange(self.codes.shape[0], device=self.codes.device) // self.group_size
+            v = code_values(self.codes, self.spec.element)
+            if self.zero_points is not None:
+                v = v - self.zero_points[g, :].to(torch.float32)
+            return v * self.scales[g, :]
         g = self.g_idx.to(torch.int64)
         v = code_values(self.codes, self.spec.element)
         if self.zero_points is not None:
@@ -117,6 +129,9 @@ class QuantizedWeight:
         """
         if self.spec.scale_type is not ScaleType.FLOAT32:
             msg = f"to_quantized_tensor needs scale_type=float32, got {self.spec.scale_type.value}"
+            raise PreconditionError(msg)
+        if self.group_axis == "out":
+            msg = "to_quantized_tensor: groups run along the output rows (group_axis out); no blocked-K layout"
             raise PreconditionError(msg)
         if not self.sequential_groups:
             msg = "to_quantized_tensor: g_idx is not sequential (act-order with dynamic groups); lower with g_idx"
@@ -216,6 +231,25 @@ def _sequential_g_idx(n_in: int, gs: int, device: torch.device) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ RTN
+
+
+def rtn_out_groups(W: Any, spec: QuantSpec | str, *, clip_search: bool = False) -> QuantizedWeight:
+    """AdaDim's other dimension: RTN with groups of ``group_size`` output rows in each input column
+    (``rtn`` of ``W^T``, stored back in the ``[out, in]`` layout with ``[out_groups, in]`` scales).
+    """
+    w = _weight(W)
+    t = rtn(w.T.contiguous(), spec, clip_search=clip_search)
+    zp = None if t.zero_points is None else t.zero_points.T.contiguous()
+    return QuantizedWeight(
+        codes=t.codes.T.contiguous(),
+        scales=t.scales.T.contiguous(),
+        zero_points=zp,
+        group_size=t.group_size,
+        g_idx=torch.zeros(w.shape[1], dtype=torch.int32, device=w.device),
+        perm=None,
+        spec=t.spec,
+        group_axis="out",
+    )
 
 
 def rtn(W: Any, spec: QuantSpec | str, *, clip_search: bool = False) -> QuantizedWeight:

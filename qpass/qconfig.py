@@ -116,12 +116,17 @@ class WeightQuantConfig:
         "error"  # which weights (passes.weights.protect_outliers)
     )
     mixed: MixedPrecisionConfig | None = None  # per-layer format choice under a bit budget
+    # AdaDim: "in" = groups of `group` input channels in one output row (the usual layout);
+    # "out" = groups of `group` output rows in one input column (a salient input channel gets
+    # its own scales); "auto" = per layer, the one with the lower output error on calibration X^T X
+    group_axis: Literal["in", "out", "auto"] = "in"
 
     @property
     def needs_hessian(self) -> bool:
-        """Whether quantizing needs each linear's X^T X (GPTQ, LoRC, protection, layer sensitivity)."""
+        """Whether quantizing needs each linear's X^T X (GPTQ, LoRC, protection, layer sensitivity, AdaDim)."""
         layer_sens = self.mixed is not None and self.mixed.sensitivity == "layer_output"
-        return self.algo == "gptq" or self.lorc_rank > 0 or self.protect != 0 or layer_sens
+        auto_dim = self.group_axis == "auto"
+        return self.algo == "gptq" or self.lorc_rank > 0 or self.protect != 0 or layer_sens or auto_dim
 
     def __post_init__(self) -> None:
         if self.format not in WEIGHT_FORMATS:
@@ -134,6 +139,7 @@ class WeightQuantConfig:
             msg = f"recipe key 'weights.damp': must be > 0, got {self.damp}"
             raise ConfigError(msg)
         self._check_extras()
+        self._check_group_axis()
         if is_block_format(self.format):
             if self.group is not None:
                 msg = (
@@ -147,6 +153,34 @@ class WeightQuantConfig:
             if self.clip_search and self.format not in ("fp8_e4m3", "fp8_e5m2"):
                 msg = f"recipe key 'weights.clip_search': {self.format} scales follow the block absmax"
                 raise ConfigError(msg)
+
+    def _check_group_axis(self) -> None:
+        """AdaDim groups: integer formats in groups, round-to-nearest, no extras (not combined yet)."""
+        if self.group_axis not in ("in", "out", "auto"):
+            msg = f"recipe key 'weights.group_axis': expected 'in', 'out' or 'auto', got {self.group_axis!r}"
+            raise ConfigError(msg)
+        if self.group_axis == "in":
+            return
+        if self.group is None or self.format not in INT_FORMATS:
+            msg = (
+                f"recipe key 'weights.group_axis': {self.group_axis!r} needs an integer format "
+                f"{INT_FORMATS} with 'group' set, got format {self.format!r}, group {self.group}"
+            )
+            raise ConfigError(msg)
+        combined = [
+            k
+            for k, on in (
+                ("algo", self.algo == "gptq"),
+                ("lorc_rank", self.lorc_rank > 0),
+                ("protect", self.protect != 0),
+                ("mixed", self.mixed is not None),
+            )
+            if on
+        ]
+        if combined:
+            axis = self.group_axis
+            msg = f"recipe key 'weights.group_axis': {axis!r} is not combined with 'weights.{combined[0]}' yet"
+            raise ConfigError(msg)
 
     def _check_extras(self) -> None:
         """LoRC, protection, AWQ and mixed precision: integer weights only, values in range."""

@@ -160,6 +160,7 @@ class QLinear:
     fp_channels: torch.Tensor | None = None  # LLM.int8 decomposition: input channels kept float (int64 [k]),
     fp_weight: torch.Tensor | None = None  # their weight columns, float32 [out, k] (codes there are 0)
     tensor_scale: float | None = None  # NVFP4's second-level scale (scales include it)
+    group_axis: str = "in"  # "out" (AdaDim): groups of output rows, scales/zero points [out_groups, in]
 
     @property
     def has_corrections(self) -> bool:
@@ -188,7 +189,7 @@ class QLinear:
 
     def dequantized_weight(self) -> torch.Tensor:
         element = None if self.spec is None else self.spec.element
-        return dequantize_weight(self.codes, self.scales, self.zero_points, self.g_idx, element)
+        return dequantize_weight(self.codes, self.scales, self.zero_points, self.g_idx, element, self.group_axis)
 
 
 def is_block_spec(spec: QuantSpec) -> bool:
@@ -202,11 +203,16 @@ def dequantize_weight(
     zero_points: torch.Tensor | None,
     g_idx: torch.Tensor | None = None,
     element: ElementType | None = None,
+    group_axis: str = "in",
 ) -> torch.Tensor:
     """(codes - zero_points[:, g]) * scales[:, g], g the group of each input channel (`g_idx`, or
     contiguous groups of equal size), as ONNX Runtime's MatMulNBits computes it. Float
-    `element` codes are bit patterns, decoded to their values first.
+    `element` codes are bit patterns, decoded to their values first. `group_axis` "out": the
+    groups run along the output rows (scales [out_groups, in]): the same formula on the transpose.
     """
+    if group_axis == "out":
+        zp = None if zero_points is None else zero_points.T
+        return dequantize_weight(codes.T, scales.T, zp, None, element).T
     if g_idx is None:
         group = -(-codes.shape[1] // scales.shape[1])  # the last group may be short
         g_idx = torch.arange(codes.shape[1], device=codes.device) // group
@@ -305,6 +311,8 @@ def _quantize_linear(
         group = spec.group_size
     q = QLinear(ref, codes, scales, zeros, g_idx, group, bits, acfg, qp, spec)
     q.tensor_scale = qw.tensor_scale if wcfg is not None else None
+    if wcfg is not None:
+        q.group_axis = qw.group_axis
     if lw is not None:
         q.lorc_u, q.lorc_v = lw.lorc_u, lw.lorc_v
         q.outlier_rows, q.outlier_cols, q.outlier_values = lw.outlier_rows, lw.outlier_cols, lw.outlier_values
@@ -313,6 +321,8 @@ def _quantize_linear(
 
 def _describe(q: QLinear) -> str:
     w = "w:fp" if q.codes is None else f"w:int{q.bits}/" + (f"g{q.group_size}" if q.group_size else "ch")
+    if q.group_axis == "out":
+        w += " along out"
     if q.codes is not None and not q.integer_weight:
         w = f"w:{q.spec.element.value}/" + (f"b{q.group_size}" if q.group_size else "ch")
     if q.lorc_u is not None:

@@ -181,6 +181,46 @@ def spread_channel_outliers(model: nn.Module, factor: float = 20.0, count: int =
     return model.eval()
 
 
+def massive_channel_outliers(
+    model: nn.Module, count: int = 4, factor: float = 100.0, k_count: int = 4, seed: int = 0
+) -> nn.Module:
+    """LLM-like outlier channels: a few fixed channels (the same for every token) carry values
+    `factor` times the others, at random positions.
+
+    - the MLP's inner activation (down_proj / fc2 input, as LLMs' massive activations): `count`
+      channels, up_proj / fc1 rows times `factor`, the down projection's columns divided by it;
+    - the K cache: `k_count` channels of every K head, at different positions in different
+      heads, k_proj rows times `factor` and the matching q_proj rows divided (Q K^T unchanged).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(width: int, n: int) -> list[int]:
+        return sorted(torch.randperm(width, generator=gen)[:n].tolist())
+
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, Attention) and k_count:
+                rep = mod.heads // mod.kv_heads
+                for h in range(mod.kv_heads):
+                    pos = pick(mod.head_dim, k_count)
+                    krows = [h * mod.head_dim + p for p in pos]
+                    qrows = [(h * rep + r) * mod.head_dim + p for r in range(rep) for p in pos]
+                    for lin, rows, f in ((mod.k_proj, krows, factor), (mod.q_proj, qrows, 1 / factor)):
+                        lin.weight[rows] *= f
+                        if lin.bias is not None:
+                            lin.bias[rows] *= f
+            pairs = (("up_proj", "down_proj"), ("fc1", "fc2"), ("fc_in", "fc_out"))
+            for inner_name, outer_name in pairs:
+                inner, outer = getattr(mod, inner_name, None), getattr(mod, outer_name, None)
+                if isinstance(inner, nn.Linear) and isinstance(outer, nn.Linear) and count:
+                    rows = pick(inner.out_features, count)
+                    inner.weight[rows] *= factor
+                    if inner.bias is not None:
+                        inner.bias[rows] *= factor
+                    outer.weight[:, rows] /= factor
+    return model.eval()
+
+
 class OptBlock(nn.Module):
     """Pre-LN block as in OPT: x + attn(LN(x)), x + fc2(relu(fc1(LN(x))))."""
 

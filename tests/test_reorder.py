@@ -108,6 +108,10 @@ def test_permutations():
     key = torch.tensor([1.0, 50.0, 1.0, 1.0, 2.0, 1.0, 60.0, 1.0])
     perm = sort_permutation(key)
     assert perm[:2].tolist() == [6, 1]
+    # the outliers' block of 4 is filled with the smallest channels, not the next largest (4)
+    filled = sort_permutation(key, block=4, ratio=4.0)
+    assert filled[:2].tolist() == [6, 1] and 4 not in filled[:4].tolist()
+    assert sorted(filled.tolist()) == list(range(8))
     bal = balance_permutation(key, block=4, ratio=4.0)
     assert sorted(bal.tolist()) == list(range(8))
     assert {int(bal[i]) for i in range(4)} >= {1, 6} or {int(bal[i]) for i in range(4, 8)} >= {1, 6}
@@ -183,13 +187,58 @@ def test_reorder_is_exact_on_minilm_fx_and_onnx(tmp_path):
     batches = zoo.minilm_batches(tok, zoo.sentences("calib", 16), batch_size=8, max_len=32)
     torch_batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
     path = zoo.export_minilm_onnx(tmp_path / "minilm.onnx", embedder=embedder)
-    for view, bs in (
-        (FxGraphView(clone_graph_module(capture(embedder, torch_batches[0]))), torch_batches),
-        (OnnxGraphView(load_model(path)), batches),
+    for make, bs in (
+        (lambda: FxGraphView(clone_graph_module(capture(embedder, torch_batches[0]))), torch_batches),
+        (lambda: OnnxGraphView(load_model(path)), batches),
     ):
-        n_ops = len(list(view.ops()))
-        before = view.run(bs[-1])
-        result = _run(view, bs, block=32)
-        assert len(result.plan.applied_sites) == 6  # the six FFN down-projection inputs
-        assert len(list(view.ops())) == n_ops
-        assert max_relative_error(before, view.run(bs[-1])) <= 1e-4
+        for block in (32, 8):
+            view = make()
+            n_ops = len(list(view.ops()))
+            before = view.run(bs[-1])
+            result = _run(view, bs, block=block)
+            if block == 32:
+                assert len(result.plan.applied_sites) == 6  # the six FFN down-projection inputs
+            else:  # heads of 32: one permutation per head (12 heads) at the attention outputs
+                assert any("(12 permutations)" in n.detail for n in result.plan.applied_sites)
+            assert len(list(view.ops())) == n_ops
+            assert max_relative_error(before, view.run(bs[-1])) <= 1e-4
+
+
+def _normal_channel_mse(t: torch.Tensor, spec) -> float:
+    """Block-quantization MSE over the channels that are not outliers (absmax <= 4x the median):
+    what reordering is for (normal channels no longer share a block scale with an outlier).
+    """
+    flat = t.reshape(-1, t.shape[-1])
+    err = (fake_quantize(flat, spec) - flat).square().mean(0)
+    absmax = flat.abs().amax(0)
+    return float(err[absmax <= 4 * absmax.median()].mean())
+
+
+def test_per_head_permutations_cluster_each_heads_outliers(backend, tmp_path):
+    """MHA with K outliers at different positions in each head: one permutation per head keeps
+    each head's outliers in one block of 8; one shared permutation cannot (16 positions).
+    Exact on both graph kinds.
+    """
+    from conftest import Case
+    from models import llama_inputs, massive_channel_outliers
+
+    torch.manual_seed(0)
+    model = massive_channel_outliers(TinyLlama(dim=128, hidden=128, heads=4, kv_heads=4), factor=50.0, count=0)
+    case = Case("mha_llama", model, [llama_inputs(dim=128, seed=i) for i in range(3)], ["x"])
+    spec = get_format("bfp12")
+    errs = {}
+    for per_head in (True, False):
+        view = case.view(backend, tmp_path)
+        batches = case.batches_for(backend)
+        pss = Reorder(ReorderConfig(block=8, linear_inputs=False, per_head=per_head))
+        values = [s.value for s in pss._sites(view)[0]]
+        ref = view.run(batches[-1])
+        result = run_pass(view, pss, batches, PassContext(), verify=True)
+        assert max_relative_error(ref, view.run(batches[-1])) <= 1e-4
+        details = " | ".join(n.detail for n in result.plan.applied_sites)
+        assert ("(4 permutations)" in details) == per_head, details
+        if backend == "fx":
+            after = view.observe(values, batches[-1])
+            errs[per_head] = sum(_normal_channel_mse(t, spec) for t in after.values())
+    if errs:
+        assert errs[True] < 0.8 * errs[False], errs

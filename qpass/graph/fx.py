@@ -20,6 +20,7 @@ from qpass.graph.optable import aten_kind
 from qpass.graph.view import (
     ALL_KINDS,
     ConstRef,
+    ExpandChannels,
     GraphView,
     InsertRotation,
     NormParams,
@@ -85,6 +86,20 @@ def capture(model: torch.nn.Module | torch.export.ExportedProgram, example: Batc
 
 def _is_captured(gm: fx.GraphModule) -> bool:
     return bool(gm.meta.get("qpass_captured"))
+
+
+def _with_last_dim(val: torch.Tensor, width: int) -> torch.Tensor | None:
+    """A fake tensor like `val` (same fake mode, same symbolic dims) with its last dimension `width`."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode([val])
+    try:
+        if mode is None:
+            return torch.empty((*val.shape[:-1], width), dtype=val.dtype, device="meta")
+        with mode:
+            return val.new_empty((*val.shape[:-1], width))
+    except Exception:  # noqa: BLE001 - an unknown shape is better than a wrong one
+        return None
 
 
 def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
@@ -364,6 +379,26 @@ class FxGraphView(GraphView):
         self.dirty = True
         self.invalidate()
         return ConstRef(name, (ref.out_features,))
+
+    def expand_channels(self, edit: ExpandChannels) -> None:
+        """Swap the attribute for the rebuilt tensor; record the new width in the values' meta."""
+        new = self._expanded(edit)
+        owner: Any = self.gm
+        *path, leaf = edit.const.name.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        old = getattr(owner, leaf)
+        if isinstance(old, torch.nn.Parameter):
+            setattr(owner, leaf, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+        else:
+            setattr(owner, leaf, new)  # a buffer or plain tensor attribute: replaced in place
+        width = new.shape[edit.axis % new.dim()]
+        for value in edit.values:
+            node = self._nodes[value.name]
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                node.meta["val"] = _with_last_dim(val, width)
+        self.dirty = True
 
     def split_op(self, edit: SplitOp) -> None:
         """linear(x, cat(W_i), cat(b_i)) -> unflatten(-1, [k, out]) -> sum(-2), replacing the linear."""

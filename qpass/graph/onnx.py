@@ -23,6 +23,7 @@ from qpass.graph.optable import onnx_kind
 from qpass.graph.view import (
     ALL_KINDS,
     ConstRef,
+    ExpandChannels,
     GraphView,
     InsertRotation,
     NormParams,
@@ -458,6 +459,20 @@ class OnnxGraphView(GraphView):
             new_out.name, out.name = out.name, new_out.name
         self.invalidate()
         return self._const(b)
+
+    def expand_channels(self, edit: ExpandChannels) -> None:
+        """Replace the initializer by the rebuilt tensor; the values' last dimension follows."""
+        new = self._expanded(edit)
+        v = self._values[edit.const.name]
+        dtype = v.const_value.numpy().dtype
+        v.const_value = ir.tensor(new.detach().cpu().numpy().astype(dtype), name=v.name)
+        v.shape = ir.Shape(list(new.shape))
+        width = new.shape[edit.axis % new.dim()]
+        for value in edit.values:
+            val = self._values[value.name]
+            if val.shape is not None and len(val.shape):
+                val.shape = ir.Shape([*list(val.shape)[:-1], width])
+        self._session_cache = {}
 
     def split_op(self, edit: SplitOp) -> None:
         """MatMul(x, cat(W_i)^T) [+ Add cat(b_i)] -> Reshape [..., k, out] -> ReduceSum(axis -2).

@@ -129,6 +129,25 @@ class PermuteChannels:
 
 
 @dataclass(frozen=True)
+class ExpandChannels:
+    """Rebuild a constant along `axis` from its own channels: t'[.., i, ..] = scale[i] * t[.., index[i], ..].
+
+    The axis may grow. Channel disassembly (QLLM) has the producer emit an outlier channel c as
+    T copies of x_c / T (index repeats c, scale 1/T) and every consumer read each copy with
+    the column of x_c (index only): the function is unchanged, the activation is wider and its
+    range smaller. `values` are the activations whose last dimension becomes len(index): the
+    adapters update their recorded shapes. Shapes change, so restoring constants cannot undo it.
+    """
+
+    const: ConstRef
+    axis: int
+    index: torch.Tensor
+    scale: torch.Tensor | None = None
+    values: tuple[ValueRef, ...] = ()
+    site: str = ""
+
+
+@dataclass(frozen=True)
 class SplitOp:
     """Replace one linear y = x W^T + b by parts whose outputs are summed: y = sum_i x W_i^T + b_i.
 
@@ -216,6 +235,7 @@ Edit = (
     | InsertRotation
     | SplitOp
     | KeepFloatChannels
+    | ExpandChannels
     | ReplaceWithQOp
 )
 CONSTANT_EDITS = (
@@ -346,6 +366,25 @@ class GraphView(abc.ABC):
     def insert_rotation(self, edit: InsertRotation) -> None:
         """Insert an op computing `value @ matrix` that feeds `consumers` instead of `value`."""
 
+    def expand_channels(self, edit: ExpandChannels) -> None:
+        """Rebuild a constant with a new channel count (see `ExpandChannels`); adapters that can, override this."""
+        msg = f"{self.backend} graphs cannot change the channel count of '{edit.const.name}'"
+        raise PassError(msg)
+
+    def _expanded(self, edit: ExpandChannels) -> torch.Tensor:
+        tensor = self.read(edit.const)
+        axis = edit.axis % tensor.dim()
+        index = edit.index.to(torch.long)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= tensor.shape[axis]):
+            msg = f"ExpandChannels on constant '{edit.const.name}' axis {axis}: index out of range"
+            raise PassError(msg)
+        out = tensor.index_select(axis, index)
+        if edit.scale is not None:
+            view = [1] * tensor.dim()
+            view[axis] = -1
+            out = (out.to(torch.float64) * edit.scale.to(torch.float64).reshape(view)).to(tensor.dtype)
+        return out.contiguous()
+
     def split_op(self, edit: SplitOp) -> None:
         """Replace a linear by summed parts (see `SplitOp`); adapters that can, override this."""
         msg = f"{self.backend} graphs cannot split op '{edit.op.name}' yet"
@@ -387,6 +426,8 @@ class GraphView(abc.ABC):
                 self._permute(edit)
             elif isinstance(edit, SplitOp):
                 self.split_op(edit)
+            elif isinstance(edit, ExpandChannels):
+                self.expand_channels(edit)
             else:  # pragma: no cover - the edit set is closed
                 msg = f"unknown edit {type(edit).__name__} in plan of {plan.pass_name}"
                 raise TypeError(msg)
