@@ -40,7 +40,12 @@ from qpass.pass_manager import run_pass  # noqa: E402
 from qpass.qlinear import canonical_weight  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-MODES = (("int8", 8, "per_token"), ("int8", 8, "per_tensor"), ("int4", 4, "per_token"), ("int4", 4, "per_tensor"))
+MODES = (
+    ("int8", 8, "per_token"),
+    ("int8", 8, "per_tensor"),
+    ("int4", 4, "per_token"),
+    ("int4", 4, "per_tensor"),
+)
 
 
 def fake_int(x: torch.Tensor, bits: int, granularity: str) -> torch.Tensor:
@@ -54,7 +59,10 @@ def fake_int(x: torch.Tensor, bits: int, granularity: str) -> torch.Tensor:
 def _sites(view) -> dict[str, tuple]:
     sites, _ = find_sites(view)
     return {
-        s.label: (s.value, [canonical_weight(view.read(k.weight.const), k.weight).to(torch.float64) for k in s.sinks])
+        s.label: (
+            s.value,
+            [canonical_weight(view.read(k.weight.const), k.weight).to(torch.float64) for k in s.sinks],
+        )
         for s in sites
     }
 
@@ -80,7 +88,12 @@ def site_rows(name: str, model, batches, cfg: DisassembleConfig) -> tuple[list[d
     for lbl in labels:
         value, w_b = before_sites[lbl]
         x_b, x_a, w_a = x_before[value.name], x_after[value.name], after_sites[lbl][1]
-        row = {"model": name, "site": lbl, "max_extra": cfg.max_extra, "width": (x_b.shape[-1], x_a.shape[-1])}
+        row = {
+            "model": name,
+            "site": lbl,
+            "max_extra": cfg.max_extra,
+            "width": (x_b.shape[-1], x_a.shape[-1]),
+        }
         for fmt, bits, gran in MODES:
             row[f"{fmt} {gran}"] = (output_error(x_b, w_b, bits, gran), output_error(x_a, w_a, bits, gran))
         row["detail"] = applied[lbl]

@@ -538,7 +538,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-calib", type=int, default=128, help="calibration sentences (default 128)")
     p.add_argument("--n-eval", type=int, default=512, help="evaluation sentences (at most the split)")
     p.add_argument(
-        "--ort-calib-batch", type=int, default=1,
+        "--ort-calib-batch",
+        type=int,
+        default=1,
         help="sentences per ORT calibration feed (default 1: no padding, which ORT cannot mask)",
     )
     p.add_argument("--seq-len", type=int, default=64, help="fixed sequence length for timing (default 64)")

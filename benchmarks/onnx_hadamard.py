@@ -73,7 +73,9 @@ def chunkings(n: int, max_chunks: int = 4) -> list[tuple[int, ...]]:
     return [c for c in out if c[0] > 1]
 
 
-def graph_model(n: int, out: int | None, rotation: np.ndarray | None, weight: np.ndarray | None) -> onnx.ModelProto:
+def graph_model(
+    n: int, out: int | None, rotation: np.ndarray | None, weight: np.ndarray | None
+) -> onnx.ModelProto:
     """The model x [B, T, n] -> (x @ Q, tagged rotation) -> (@ W [n, out]) -> y."""
     nodes, inits, cur = [], [], "x"
     if rotation is not None:
@@ -216,7 +218,9 @@ def main() -> None:
             for b in BATCHES:
                 x = rng.standard_normal((b, SEQ, n)).astype(np.float32)
                 t = time_all(sessions, x, args.runs)
-                feeds.append({"linear": label, "n": n, "k": k, "batch": b, **{f"{k_}_ms": v for k_, v in t.items()}})
+                feeds.append(
+                    {"linear": label, "n": n, "k": k, "batch": b, **{f"{k_}_ms": v for k_, v in t.items()}}
+                )
                 print(feeds[-1], flush=True)
     res = {
         "runs": args.runs,

@@ -216,7 +216,9 @@ def time_interleaved(sessions: dict, feed: dict, output: str, warmup: int, runs:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def add_latency(models, sessions, feeds: dict[str, dict], output: str, args, runs_b32: int | None = None) -> None:
+def add_latency(
+    models, sessions, feeds: dict[str, dict], output: str, args, runs_b32: int | None = None
+) -> None:
     for label, feed in feeds.items():
         runs = args.runs_b1 if label == "b1" else (runs_b32 or args.runs_b32)
         warmup = args.warmup if label == "b1" or runs_b32 is None else 1

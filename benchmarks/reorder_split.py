@@ -129,7 +129,9 @@ def measure(name: str, model, batches, variant: tuple) -> list[dict]:
                 kind = "linear input (no outliers)"
             kinds.setdefault(kind, []).append(r)
         metrics = ("ratio_all", "ratio_normal", "ratio_outlier", "ratio_weighted")
-        by_kind = {k: {m: _geo(r[m] for r in v) for m in metrics} | {"sites": len(v)} for k, v in kinds.items()}
+        by_kind = {
+            k: {m: _geo(r[m] for r in v) for m in metrics} | {"sites": len(v)} for k, v in kinds.items()
+        }
         rows.append(
             {
                 "model": name,
@@ -146,7 +148,8 @@ def measure(name: str, model, batches, variant: tuple) -> list[dict]:
             }
         )
         summary = ", ".join(
-            f"{k} {v['ratio_all']:.2f}/{v['ratio_normal']:.2f}/{v['ratio_weighted']:.2f}" for k, v in by_kind.items()
+            f"{k} {v['ratio_all']:.2f}/{v['ratio_normal']:.2f}/{v['ratio_weighted']:.2f}"
+            for k, v in by_kind.items()
         )
         print(f"{name:>28} {label:>18} {fmt:>6}: {summary}", flush=True)
     return rows

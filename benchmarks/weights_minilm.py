@@ -151,7 +151,6 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-
 def ort_quantize(src: Path, dst: Path, algo: str, block: int, symmetric: bool, calib) -> float:
     if algo == "rtn":
         cfg = mnb.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric)

@@ -430,7 +430,9 @@ def _lower_blocked_dq(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
     if arrays.zero_points is not None:
         dq_inputs.append(_const(view, f"{w_name}_zero_point", arrays.zero_points))
     # blocks along K (axis 0 of [K, N]); per output channel: one scale per column (axis 1)
-    attrs = {"axis": 1} if arrays.block_size is None else {"axis": arrays.axis, "block_size": arrays.block_size}
+    attrs = (
+        {"axis": 1} if arrays.block_size is None else {"axis": arrays.axis, "block_size": arrays.block_size}
+    )
     dq = _new_node(view, "DequantizeLinear", dq_inputs, f"{op.name}_weight_dq", **attrs)
     mm = _new_node(view, "MatMul", [a, dq.outputs[0]], f"{op.name}_matmul")
     _replace_linear(view, node, [*nodes, dq, mm])

@@ -131,7 +131,9 @@ class QuantizedWeight:
             msg = f"to_quantized_tensor needs scale_type=float32, got {self.spec.scale_type.value}"
             raise PreconditionError(msg)
         if self.group_axis == "out":
-            msg = "to_quantized_tensor: groups run along the output rows (group_axis out); no blocked-K layout"
+            msg = (
+                "to_quantized_tensor: groups run along the output rows (group_axis out); no blocked-K layout"
+            )
             raise PreconditionError(msg)
         if not self.sequential_groups:
             msg = "to_quantized_tensor: g_idx is not sequential (act-order with dynamic groups); lower with g_idx"

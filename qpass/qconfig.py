@@ -179,7 +179,9 @@ class WeightQuantConfig:
         ]
         if combined:
             axis = self.group_axis
-            msg = f"recipe key 'weights.group_axis': {axis!r} is not combined with 'weights.{combined[0]}' yet"
+            msg = (
+                f"recipe key 'weights.group_axis': {axis!r} is not combined with 'weights.{combined[0]}' yet"
+            )
             raise ConfigError(msg)
 
     def _check_extras(self) -> None:

@@ -189,7 +189,9 @@ class QLinear:
 
     def dequantized_weight(self) -> torch.Tensor:
         element = None if self.spec is None else self.spec.element
-        return dequantize_weight(self.codes, self.scales, self.zero_points, self.g_idx, element, self.group_axis)
+        return dequantize_weight(
+            self.codes, self.scales, self.zero_points, self.g_idx, element, self.group_axis
+        )
 
 
 def is_block_spec(spec: QuantSpec) -> bool:

@@ -114,7 +114,9 @@ def test_block_weights_take_reference_kernel_and_save(llama_case, tmp_path):
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("wfmt", "afmt"), [("mxfp4", None), ("nvfp4", None), ("mxfp8", "mxfp8"), ("nvfp4", "nvfp4")])
+@pytest.mark.parametrize(
+    ("wfmt", "afmt"), [("mxfp4", None), ("nvfp4", None), ("mxfp8", "mxfp8"), ("nvfp4", "nvfp4")]
+)
 def test_mx_kernel_layout_decodes_to_the_reference_weight(llama_case, wfmt, afmt):
     """The MX kernel's packed elements and re-encoded scale bytes decode to exactly the weight the
     reference path uses; the packed-only forward (CPU op) and the Triton kernel (interpreter)

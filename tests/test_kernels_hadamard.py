@@ -18,7 +18,9 @@ from qpass.pass_manager import run_pass
 def test_equals_dense_randomized_hadamard(n):
     x = torch.randn(3, 5, n, dtype=torch.float64)
     s = random_signs(n, 7)
-    torch.testing.assert_close(hadamard_transform(x, s), x @ randomized_hadamard(n, 7), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        hadamard_transform(x, s), x @ randomized_hadamard(n, 7), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_rotate_pass_inserts_the_fast_op_and_the_graph_exports(llama_case):

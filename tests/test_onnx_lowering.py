@@ -311,7 +311,9 @@ def test_function_body_sizes():
 
 
 @pytest.mark.parametrize("form", ["kron", "kron_t"])
-@pytest.mark.parametrize(("n", "chunks"), [(1536, (12, 16, 8)), (1536, (96, 16)), (576, (36, 4, 4)), (384, (48, 8))])
+@pytest.mark.parametrize(
+    ("n", "chunks"), [(1536, (12, 16, 8)), (1536, (96, 16)), (576, (36, 4, 4)), (384, (48, 8))]
+)
 def test_hadamard_chunkings_equal_matmul(n, chunks, form):
     for signs in (random_signs(n, 3), torch.ones(n, dtype=torch.float64)):
         q = (signs[:, None] * hadamard(n)).to(torch.float32).numpy()
@@ -320,7 +322,9 @@ def test_hadamard_chunkings_equal_matmul(n, chunks, form):
         lowered = ir.serde.serialize_model(model)
         onnx.checker.check_model(lowered, full_check=True)
         plain = bool((signs == 1).all())
-        assert [n.op_type for n in lowered.graph.node] == [f"Hadamard{n}" if plain else f"HadamardTransform{n}"]
+        assert [n.op_type for n in lowered.graph.node] == [
+            f"Hadamard{n}" if plain else f"HadamardTransform{n}"
+        ]
         assert len(lowered.graph.node[0].input) == (1 if plain else 2)  # no signs input for the bare H
         x = np.random.default_rng(0).standard_normal((2, 5, n)).astype(np.float32)
         assert rel_max(run(lowered, x), x @ q) < 1e-5

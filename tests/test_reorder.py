@@ -223,7 +223,9 @@ def test_per_head_permutations_cluster_each_heads_outliers(backend, tmp_path):
     from models import llama_inputs, massive_channel_outliers
 
     torch.manual_seed(0)
-    model = massive_channel_outliers(TinyLlama(dim=128, hidden=128, heads=4, kv_heads=4), factor=50.0, count=0)
+    model = massive_channel_outliers(
+        TinyLlama(dim=128, hidden=128, heads=4, kv_heads=4), factor=50.0, count=0
+    )
     case = Case("mha_llama", model, [llama_inputs(dim=128, seed=i) for i in range(3)], ["x"])
     spec = get_format("bfp12")
     errs = {}

@@ -119,7 +119,10 @@ def test_online_hadamard_fuses_into_per_token_quantizer(monkeypatch):
     model = TinyLlama(dim=64, hidden=128).eval()
     x = llama_inputs(seed=3)
     recipe = {
-        "passes": [{"fuse_norms": {}}, {"rotate": {"kind": "hadamard", "layout": "residual", "online": True}}],
+        "passes": [
+            {"fuse_norms": {}},
+            {"rotate": {"kind": "hadamard", "layout": "residual", "online": True}},
+        ],
         "weights": {"format": "int8"},
         "activations": {"format": "int8", "granularity": "per_token", "dynamic": True},
         "target": "torch",
@@ -146,7 +149,10 @@ def test_fused_rotation_quantizer_saves_and_loads(tmp_path):
     model = TinyLlama(dim=64, hidden=128).eval()
     x = llama_inputs(seed=3)
     recipe = {
-        "passes": [{"fuse_norms": {}}, {"rotate": {"kind": "hadamard", "layout": "residual", "online": True}}],
+        "passes": [
+            {"fuse_norms": {}},
+            {"rotate": {"kind": "hadamard", "layout": "residual", "online": True}},
+        ],
         "weights": {"format": "int8"},
         "activations": {"format": "int8", "granularity": "per_token", "dynamic": True},
         "target": "torch",
