@@ -405,6 +405,9 @@ def _lower_blocked_dq(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
     offline, the activation with a Gather on its last axis.
     """
     model: ir.Model = view.model
+    if _opset(model) < BLOCKED_DQ_OPSET and q.group_axis == "out":
+        _lower_row_groups_per_axis(view, node, op, q)
+        return
     if _opset(model) < BLOCKED_DQ_OPSET:
         msg = (
             f"node '{op.name}': recipe key 'lowering.weight_op': dequantize_linear needs opset >= "
@@ -436,3 +439,30 @@ def _lower_blocked_dq(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
     dq = _new_node(view, "DequantizeLinear", dq_inputs, f"{op.name}_weight_dq", **attrs)
     mm = _new_node(view, "MatMul", [a, dq.outputs[0]], f"{op.name}_matmul")
     _replace_linear(view, node, [*nodes, dq, mm])
+
+
+def _lower_row_groups_per_axis(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
+    """AdaDim output-row groups below opset 21: W [K, N] viewed as [K * N/g, g] has one scale per
+    row, so a per-axis (opset 13) DequantizeLinear on axis 0 plus a Reshape to [K, N] is exact.
+    The codes sit in 8-bit containers (INT4 types need opset 21), so the file holds a byte per weight.
+    """
+    g = q.group_size
+    k, n = q.codes.shape[1], q.codes.shape[0]
+    if g is None or n % g:
+        msg = f"node '{op.name}': output-row groups of {g} do not divide N={n}"
+        raise UnsupportedOpError(msg)
+    signed = q.zero_points is None
+    dtype = np.int8 if signed else np.uint8
+    codes = np.ascontiguousarray(q.codes.numpy().T).astype(dtype).reshape(k * n // g, g)
+    scales = np.ascontiguousarray(q.scales.numpy().astype(np.float32).T).reshape(-1)  # [K, N/g] rows
+    w_name = node.inputs[1].name
+    dq_inputs = [_const(view, f"{w_name}_quantized", codes), _const(view, f"{w_name}_scale", scales)]
+    if not signed:
+        zp = np.ascontiguousarray(q.zero_points.numpy().T).astype(dtype).reshape(-1)
+        dq_inputs.append(_const(view, f"{w_name}_zero_point", zp))
+    dq = _new_node(view, "DequantizeLinear", dq_inputs, f"{op.name}_weight_dq", axis=0)
+    shape = _const(view, f"{w_name}_shape", np.asarray([k, n], np.int64))
+    kn = _new_node(view, "Reshape", [dq.outputs[0], shape], f"{op.name}_weight")
+    a = _act_float(view, node, q) if q.act is not None else node.inputs[0]
+    mm = _new_node(view, "MatMul", [a, kn.outputs[0]], f"{op.name}_matmul")
+    _replace_linear(view, node, [dq, kn, mm])

@@ -83,6 +83,22 @@ def test_onnx_blocked_dequantize_linear_along_n(symmetric):
         quantize(model, {"weights": wcfg, "lowering": {"weight_op": "matmulnbits"}}, x)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_onnx_row_groups_below_opset_21_use_per_axis_dequantize(symmetric):
+    """Opset 18 has no blocked DequantizeLinear: W [K, N] viewed as [K * N/g, g] with one scale per
+    row (per-axis DequantizeLinear) and reshaped back gives the same weight.
+    """
+    k = 192
+    model, b = linear_model(k, opset=18)
+    x = inputs(k)
+    wcfg = {"format": "int4", "group": 8, "symmetric": symmetric, "group_axis": "out"}
+    out_model, q = quantize(model, {"weights": wcfg, "lowering": {"optimize": False}}, x)
+    ops = [n.op_type for n in out_model.graph.node]
+    assert "DequantizeLinear" in ops and "Reshape" in ops and "MatMulNBits" not in ops
+    ref = x @ q.dequantized_weight().numpy().T + b
+    assert rel_max(run(out_model, x), ref) < 1e-5
+
+
 def test_torch_lowering_auto_on_a_model(llama_case):
     """TinyLlama through the torch target, INT3 g32 auto: layers pick either axis (the 48-wide head,
     which 32-row groups do not divide, keeps the usual groups), and each lowered module computes
