@@ -145,14 +145,15 @@ class _Region:
 
     def check(self, view: GraphView, site: ValueRef) -> str | None:
         """Every widened value is read only inside the region; no constant both scaled and not."""
-        for v in self.values:
+        for v in [site, *self.values]:
+            shape_readers = [c for c in view.consumers(v) if c.kind is OpKind.SHAPE_OF]
+            if shape_readers:  # e.g. an attention reshape sized from it: its width must not change
+                return f"the shape of '{v.name}' is read by {shape_readers[0].op_type} '{shape_readers[0].name}'"
             if v == site:
                 continue
             if view.is_graph_output(v):
                 return f"intermediate '{v.name}' is a graph output"
-            outside = [
-                c for c in view.consumers(v) if c.name not in self.ops and c.kind is not OpKind.SHAPE_OF
-            ]
+            outside = [c for c in view.consumers(v) if c.name not in self.ops]
             if outside:
                 return f"intermediate '{v.name}' also feeds {outside[0].op_type} '{outside[0].name}'"
         both = self.scaled & self.plain

@@ -169,3 +169,45 @@ def test_width_padded_to_the_weight_group(massive_cases):
     assert any(w > 128 and w % 32 == 0 for w in widths), widths
     with torch.no_grad():
         assert float((report.model(x) - ref).norm() / ref.norm()) < 0.2
+
+
+def test_site_whose_shape_feeds_a_reshape_is_skipped_on_onnx():
+    """Found by the property test: in ONNX an attention block sizes its head reshape from the
+    input's Shape; widening that input would break the reshape, so the site is skipped.
+    """
+    from random_graphs import BlockSpec, GraphSpec
+    from test_equivalence_property import check_equivalence
+
+    from passes.disassemble import DisassembleConfig
+
+    spec = GraphSpec(
+        dim=24,
+        blocks=(
+            BlockSpec(
+                kind="attn",
+                hidden=8,
+                norm="layer",
+                act="relu",
+                residual="none",
+                bias=True,
+                heads=1,
+                side_branch=False,
+            ),
+            BlockSpec(
+                kind="attn",
+                hidden=8,
+                norm="none",
+                act="relu",
+                residual="none",
+                bias=False,
+                heads=1,
+                side_branch=False,
+            ),
+        ),
+        conv=False,
+        outlier_channels=(),
+        outlier_factor=1.0,
+        head_bias=False,
+        seed=0,
+    )
+    check_equivalence("onnx", spec, [("disassemble", DisassembleConfig())])
