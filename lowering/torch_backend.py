@@ -226,6 +226,7 @@ class QuantLinear(torch.nn.Module):
                 self.weight_g_idx,
                 self.element,
                 getattr(self, "group_axis", "in"),
+                self.group_size,
             )
         return F.linear(x.to(torch.float32), w, bias).to(dtype)
 

@@ -203,9 +203,8 @@ def _spec(spec: Any, n_in: int) -> tuple[QuantSpec, int]:
             msg = f"argument 'spec': per_group weights are blocked along the last (in) axis, got axis={spec.axis}"
             raise ConfigError(msg)
         gs = int(spec.group_size)
-        if n_in % gs:
-            msg = f"argument 'spec': group_size={gs} must divide in={n_in} (weights are not padded)"
-            raise ConfigError(msg)
+        if n_in % gs and not spec.pad_tail:  # a short last group (576 = 4.5 x 128), as MatMulNBits pads it
+            spec = spec.replace(pad_tail=True)
         return spec, gs
     if g is Granularity.PER_CHANNEL and spec.resolved_axis(2) != 0:
         msg = f"argument 'spec': per_channel weights have one scale per output row (axis=0), got axis={spec.axis}"
@@ -414,7 +413,7 @@ def gptq(
     u = _inverse_cholesky(hf, float(damp))
     del hf
 
-    n_groups = n_in // gs
+    n_groups = -(-n_in // gs)  # the last group may be short
     if dynamic:
         scales = torch.empty(n_out, n_groups, dtype=torch.float32, device=dev)
         zps = None if spec.symmetric or spec.element.is_float else torch.empty_like(scales, dtype=torch.uint8)

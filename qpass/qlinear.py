@@ -190,7 +190,7 @@ class QLinear:
     def dequantized_weight(self) -> torch.Tensor:
         element = None if self.spec is None else self.spec.element
         return dequantize_weight(
-            self.codes, self.scales, self.zero_points, self.g_idx, element, self.group_axis
+            self.codes, self.scales, self.zero_points, self.g_idx, element, self.group_axis, self.group_size
         )
 
 
@@ -206,17 +206,19 @@ def dequantize_weight(
     g_idx: torch.Tensor | None = None,
     element: ElementType | None = None,
     group_axis: str = "in",
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """(codes - zero_points[:, g]) * scales[:, g], g the group of each input channel (`g_idx`, or
-    contiguous groups of equal size), as ONNX Runtime's MatMulNBits computes it. Float
+    contiguous groups of `group_size`, the last one possibly short), as ONNX Runtime's
+    MatMulNBits computes it. Without `group_size` the groups are taken as equal. Float
     `element` codes are bit patterns, decoded to their values first. `group_axis` "out": the
     groups run along the output rows (scales [out_groups, in]): the same formula on the transpose.
     """
     if group_axis == "out":
         zp = None if zero_points is None else zero_points.T
-        return dequantize_weight(codes.T, scales.T, zp, None, element).T
+        return dequantize_weight(codes.T, scales.T, zp, None, element, group_size=group_size).T
     if g_idx is None:
-        group = -(-codes.shape[1] // scales.shape[1])  # the last group may be short
+        group = group_size if group_size and scales.shape[1] > 1 else -(-codes.shape[1] // scales.shape[1])
         g_idx = torch.arange(codes.shape[1], device=codes.device) // group
     q = code_values(codes, element) if element is not None else codes.to(torch.float32)
     if zero_points is not None:

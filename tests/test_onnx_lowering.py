@@ -335,3 +335,32 @@ def test_checker_failure_is_a_pass_error():
     model.graph.output[0].type.tensor_type.shape.dim.insert(1, onnx.TensorShapeProto.Dimension(dim_value=9))
     with pytest.raises(PassError, match="fails onnx.checker"):
         check_lowered(ir.serde.deserialize_model(model))
+
+
+@pytest.mark.parametrize("algo", ["rtn", "gptq"])
+def test_short_last_group_quantizes_and_lowers_to_matmulnbits(algo):
+    """576 input channels in groups of 128 (SmolLM2's hidden size): the last group has 64 channels
+    and its own scales; MatMulNBits pads the block, and the ONNX output equals the reference.
+    """
+    import torch
+
+    from passes.weights import layer_error, rtn
+
+    k = 576
+    model, b = linear_model(k)
+    x = inputs(k)
+    out_model, q = quantize(model, {"weights": {"format": "int4", "group": 128, "algo": algo}}, x)
+    assert q.scales.shape[1] == 5  # ceil(576 / 128)
+    assert "MatMulNBits" in {n.op_type for n in out_model.graph.node}
+    ref = x @ q.dequantized_weight().numpy().T + b
+    assert rel_max(run(out_model, x), ref) < 1e-5
+    w = torch.from_numpy(onnx.numpy_helper.to_array(model.graph.initializer[0])).T.float()
+    if w.shape != q.codes.shape:
+        w = torch.from_numpy(onnx.numpy_helper.to_array(model.graph.initializer[1])).T.float()
+    tail = rtn(w[:, 512:], "int4").dequantized()  # per-channel over the 64 tail channels alone
+    if algo == "rtn":
+        torch.testing.assert_close(q.dequantized_weight()[:, 512:], tail)
+    else:
+        xt = torch.from_numpy(x.reshape(-1, k)).double()
+        h = (xt.T @ xt).float()
+        assert layer_error(w, q.dequantized_weight(), h) < layer_error(w, rtn(w, q.spec).dequantized(), h)

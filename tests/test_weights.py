@@ -273,8 +273,6 @@ def test_protect_outliers_lowers_error(criterion):
 def test_config_errors_name_the_argument():
     w, h = synthetic_layer(256, 16, n=300)
     cases = [
-        (lambda: gptq(w, h, get_format("int4", group_size=100)), "group_size"),
-        (lambda: rtn(w, get_format("int4", group_size=96)), "group_size"),
         (lambda: gptq(w, h, INT4_G128, damp=0.0), "damp"),
         (lambda: gptq(w, h, INT4_G128, damp=-0.1), "damp"),
         (lambda: gptq(w, h, INT4_G128, block_size=0), "block_size"),
@@ -354,3 +352,21 @@ def test_smollm2_down_proj_layer0():
     wq = q_ao.dequantized()
     u, v = low_rank_compensation(w, wq, 32)
     assert layer_error(w, wq + u @ v, h_eval) < 0.9 * e_ao
+
+
+def test_short_last_group_has_its_own_scales():
+    """in=200 with groups of 64: three full groups and one of 8 channels, each scaled from its own
+    weights (the formats' pad_tail), for RTN and GPTQ (dynamic and static groups).
+    """
+    torch.manual_seed(0)
+    w = torch.randn(16, 200)
+    x = torch.randn(400, 200)
+    h = x.T @ x
+    spec = get_format("int4", group_size=64)
+    r = rtn(w, spec)
+    assert r.scales.shape == (16, 4)
+    torch.testing.assert_close(r.dequantized()[:, 192:], rtn(w[:, 192:], get_format("int4")).dequantized())
+    for static in (False, True):
+        g = gptq(w, h, spec, act_order=True, static_groups=static)
+        assert g.scales.shape == (16, 4)
+        assert layer_error(w, g.dequantized(), h) < layer_error(w, r.dequantized(), h)
