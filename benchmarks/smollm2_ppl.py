@@ -56,6 +56,8 @@ SUITES: dict[str, dict[str, str | dict]] = {
         # groups of 64: 128 does not divide the hidden size 576
         "w4a8 g64 (no rotation)": _w4("int8", [], group=64),
         "w4a8 g64 + quarot": _w4("int8", _QUAROT, group=64),
+        "w4a8 g128 (no rotation)": _w4("int8", [], group=128),  # 576 = 4.5 x 128: a short last group
+        "w4a8 g128 + quarot": _w4("int8", _QUAROT, group=128),
         # where the RTN W4 error comes from: weights alone, norm fusion alone
         "w4a16 (no rotation)": _w4("fp", []),
         "w4a16 fuse_norms only": _w4("fp", [{"fuse_norms": {}}]),
