@@ -15,7 +15,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import qpass
@@ -33,14 +32,8 @@ def main() -> None:
     embedder, tok = zoo.load_minilm_embedder()
     calib = zoo.minilm_batches(tok, zoo.sentences("calib", args.calib), batch_size=16, max_len=64)
     evals = zoo.minilm_batches(tok, zoo.sentences("eval", args.eval), batch_size=32, max_len=64)
-    calib_t = [{k: torch.from_numpy(v) for k, v in b.items()} for b in calib]
-    evals_t = [{k: torch.from_numpy(v) for k, v in b.items()} for b in evals]
-
-    def embed(model) -> np.ndarray:
-        with torch.no_grad():
-            return torch.cat([model(**b) for b in evals_t]).numpy()
-
-    ref = embed(embedder)
+    calib_t = zoo.torch_batches(calib)
+    ref = zoo.embed_batches(embedder, evals)
     rows = []
     for fmt in ("int4", "int3"):
         for axis in ("in", "out", "auto"):
@@ -52,7 +45,7 @@ def main() -> None:
                     "weights": f"{fmt} g128",
                     "group_axis": axis,
                     "layers": dict(axes),
-                    **zoo.embedding_agreement(ref, embed(q)),
+                    **zoo.embedding_agreement(ref, zoo.embed_batches(q, evals)),
                 }
             )
             print(rows[-1], flush=True)

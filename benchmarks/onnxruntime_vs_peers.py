@@ -346,6 +346,15 @@ def _f(x: Any, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _quant_op_lines(models: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per quantized model: the quantized ops its file holds."""
+    return [
+        f"- {name}: " + (", ".join(f"{k} {v}" for k, v in r["quant_ops"].items()) or "none")
+        for name, r in models.items()
+        if not r.get("error") and name != "fp32"
+    ]
+
+
 def markdown(res: dict[str, Any]) -> str:
     m, cfg = res["machine"], res["config"]
     lines = [
@@ -378,13 +387,7 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {_f(r.get('nn_agreement'), '.3f')} | {r['size_mb']:.1f} | {_f(r.get('ratio_b1'), '.2f')} "
                 f"| {_f(r.get('ratio_b32'), '.2f')} | {_f(r.get('quant_s'), '.1f')} |"
             )
-        lines += ["", "Quantized ops in each file:", ""]
-        for name, r in mini["models"].items():
-            if not r.get("error") and name != "fp32":
-                lines.append(
-                    f"- {name}: " + (", ".join(f"{k} {v}" for k, v in r["quant_ops"].items()) or "none")
-                )
-        lines.append("")
+        lines += ["", "Quantized ops in each file:", "", *_quant_op_lines(mini["models"]), ""]
     smol = res.get("smollm2")
     if smol:
         lines += [
@@ -410,12 +413,7 @@ def markdown(res: dict[str, Any]) -> str:
                     f"| {r['size_mb']:.1f} | {_f(r.get('ratio_b1'), '.2f')} | {_f(r.get('ratio_b32'), '.2f')} "
                     f"| {_f(r.get('quant_s'), '.1f')} |"
                 )
-            lines += ["", "Quantized ops in each file:", ""]
-            for name, r in smol["models"].items():
-                if not r.get("error") and name != "fp32":
-                    lines.append(
-                        f"- {name}: " + (", ".join(f"{k} {v}" for k, v in r["quant_ops"].items()) or "none")
-                    )
+            lines += ["", "Quantized ops in each file:", "", *_quant_op_lines(smol["models"])]
             lines += ["", smol.get("decode", ""), ""]
     lines += [f"Total time: {res['total_s']:.0f} s.", ""]
     return "\n".join(lines)

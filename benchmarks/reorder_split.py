@@ -186,28 +186,20 @@ SPLIT_CONFIGS = (("int4", None), ("int4", 32), ("int2", 32))
 
 def splitquant_rows(n_eval: int) -> list[dict]:
     """Held-out embedding agreement of RTN vs SplitQuant + RTN on MiniLM (weights only)."""
-    import numpy as np
-
     import qpass
     from qpass import zoo
 
     embedder, tok = zoo.load_minilm_embedder()
     calib = zoo.minilm_batches(tok, zoo.sentences("calib", 16), batch_size=16, max_len=64)
     evals = zoo.minilm_batches(tok, zoo.sentences("eval", n_eval), batch_size=32, max_len=64)
-    calib_t = [{k: torch.from_numpy(v) for k, v in b.items()} for b in calib]
-    evals_t = [{k: torch.from_numpy(v) for k, v in b.items()} for b in evals]
-
-    def embed(model) -> np.ndarray:
-        with torch.no_grad():
-            return torch.cat([model(**b) for b in evals_t]).numpy()
-
-    ref = embed(embedder)
+    calib_t = zoo.torch_batches(calib)
+    ref = zoo.embed_batches(embedder, evals)
     rows = []
     for fmt, group in SPLIT_CONFIGS:
         for passes in ([], [{"split_quant": {"parts": 3}}]):
             recipe = {"passes": passes, "weights": {"format": fmt, "group": group}, "target": "torch"}
             q = qpass.quantize(embedder, recipe, calib_t)
-            agree = zoo.embedding_agreement(ref, embed(q))
+            agree = zoo.embedding_agreement(ref, zoo.embed_batches(q, evals))
             rows.append(
                 {
                     "weights": fmt + (f" g{group}" if group else " per row"),

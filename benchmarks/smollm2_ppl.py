@@ -26,7 +26,9 @@ def _w4(acts: str, passes: list, algo: str = "rtn", **weights: object) -> dict:
     return {
         "passes": passes,
         "weights": {"format": "int4", "symmetric": True, "algo": algo, **weights},
-        "activations": None if acts == "fp" else {"format": acts, "granularity": "per_token", "dynamic": True},
+        "activations": None
+        if acts == "fp"
+        else {"format": acts, "granularity": "per_token", "dynamic": True},
     }
 
 

@@ -45,7 +45,9 @@ def main() -> None:
     for i in LAYERS:
         layer = model.model.layers[i]
         for key, mod in (("norm", layer.post_attention_layernorm), ("down", layer.mlp.down_proj)):
-            hooks.append(mod.register_forward_hook(lambda m, a, o, k=(key, i): cap.__setitem__(k, a[0].detach())))
+            hooks.append(
+                mod.register_forward_hook(lambda m, a, o, k=(key, i): cap.__setitem__(k, a[0].detach()))
+            )
     with torch.no_grad():
         model(rows)
     for h in hooks:

@@ -164,11 +164,6 @@ def ort_quantize(src: Path, dst: Path, algo: str, block: int, symmetric: bool, c
     return seconds
 
 
-def torch_embed(fn, batches) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([fn(**to_torch(b)).detach().numpy() for b in batches])
-
-
 def wrecipe(**weights: Any) -> dict[str, Any]:
     return {"passes": [], "weights": weights, "activations": None, "target": "torch"}
 
@@ -222,7 +217,7 @@ def embeddings(
     save,
     skip_ort: bool = False,
 ) -> list[dict[str, Any]]:
-    fp = torch_embed(embedder, evals)
+    fp = zoo.embed_batches(embedder, evals)
     calib_t = [to_torch(b) for b in calib]
     for label, recipe, bits in QPASS_RECIPES:
         if only and not any(o in label for o in only):
@@ -235,7 +230,7 @@ def embeddings(
             print(f"  {label}: FAILED {exc}", flush=True)
             continue
         seconds = time.perf_counter() - t
-        agree = zoo.embedding_agreement(fp, torch_embed(res.model, evals))
+        agree = zoo.embedding_agreement(fp, zoo.embed_batches(res.model, evals))
         row = {"label": label, "bits": bits, "quantize_s": seconds, **agree}
         if "mixed" in label:
             notes = [

@@ -508,6 +508,17 @@ def perplexity(model_fn: Callable[[torch.Tensor], Any], rows: torch.Tensor, batc
 # ----------------------------------------------------------------------------- metrics
 
 
+def torch_batches(batches: Any) -> list[dict[str, torch.Tensor]]:
+    """`minilm_batches`' numpy feeds as torch tensors (calibration for a torch model)."""
+    return [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
+
+
+def embed_batches(model: Callable[..., torch.Tensor], batches: Any) -> np.ndarray:
+    """Sentence embeddings ``[N, D]`` of a torch embedder (FP or quantized) over numpy feeds."""
+    with torch.no_grad():
+        return np.concatenate([model(**b).detach().numpy() for b in torch_batches(batches)])
+
+
 def embedding_agreement(fp: np.ndarray, q: np.ndarray) -> dict[str, float]:
     """How close quantized sentence embeddings ``q`` stay to the reference ``fp`` (both ``[N, D]``).
 

@@ -107,6 +107,18 @@ def test_load_errors_name_the_file(tmp_path):
         load_quantized(bad)
 
 
+# QuaRot layout (online Hadamard before down_proj) with per-token W8A8: the fusable pattern
+ROTATED_W8A8 = {
+    "passes": [
+        {"fuse_norms": {}},
+        {"rotate": {"kind": "hadamard", "layout": "residual", "online": True}},
+    ],
+    "weights": {"format": "int8"},
+    "activations": {"format": "int8", "granularity": "per_token", "dynamic": True},
+    "target": "torch",
+}
+
+
 def test_online_hadamard_fuses_into_per_token_quantizer(monkeypatch):
     """QuaRot's online Hadamard before down_proj (hidden 128, a power of two) folds into the W8A8
     module's quantizer; the CPU result is bit-identical to the unfused graph, and saves/loads.
@@ -118,15 +130,7 @@ def test_online_hadamard_fuses_into_per_token_quantizer(monkeypatch):
     torch.manual_seed(0)
     model = TinyLlama(dim=64, hidden=128).eval()
     x = llama_inputs(seed=3)
-    recipe = {
-        "passes": [
-            {"fuse_norms": {}},
-            {"rotate": {"kind": "hadamard", "layout": "residual", "online": True}},
-        ],
-        "weights": {"format": "int8"},
-        "activations": {"format": "int8", "granularity": "per_token", "dynamic": True},
-        "target": "torch",
-    }
+    recipe = ROTATED_W8A8
     fused = qpass.quantize(model, recipe, calibration=[x])
     mods = [m for m in fused.modules() if isinstance(m, tb.QuantLinear) and m.rotation_signs is not None]
     assert len(mods) == 2  # one down_proj per block
@@ -148,15 +152,7 @@ def test_fused_rotation_quantizer_saves_and_loads(tmp_path):
     torch.manual_seed(0)
     model = TinyLlama(dim=64, hidden=128).eval()
     x = llama_inputs(seed=3)
-    recipe = {
-        "passes": [
-            {"fuse_norms": {}},
-            {"rotate": {"kind": "hadamard", "layout": "residual", "online": True}},
-        ],
-        "weights": {"format": "int8"},
-        "activations": {"format": "int8", "granularity": "per_token", "dynamic": True},
-        "target": "torch",
-    }
+    recipe = ROTATED_W8A8
     q = qpass.quantize(model, recipe, calibration=[x])
     assert any(isinstance(m, tb.QuantLinear) and m.rotation_signs is not None for m in q.modules())
     save_quantized(q, tmp_path / "r.pt2", x)
