@@ -55,6 +55,18 @@ SUITES: dict[str, dict[str, str | dict]] = {
         "w4a8 clip + quarot": _w4("int8", _QUAROT, clip_search=True),
         "w4a4 clip (no rotation)": _w4("int4", [], clip_search=True),
         "w4a4 clip + quarot": _w4("int4", _QUAROT, clip_search=True),
+        # RTN whose clip ratio minimises each layer's output error on calibration X^T X
+        # (AWQ's auto-clip): it keeps the super weights the weight-MSE search clips
+        "w4a8 output-clip (no rotation)": _w4("int8", [], clip_search=True, clip_objective="output"),
+        "w4a8 output-clip + quarot": _w4("int8", _QUAROT, clip_search=True, clip_objective="output"),
+        "w4a4 output-clip (no rotation)": _w4("int4", [], clip_search=True, clip_objective="output"),
+        "w4a4 output-clip + quarot": _w4("int4", _QUAROT, clip_search=True, clip_objective="output"),
+        "w4a8 g128 output-clip (no rotation)": _w4(
+            "int8", [], group=128, clip_search=True, clip_objective="output"
+        ),
+        "w4a8 g128 output-clip + quarot": _w4(
+            "int8", _QUAROT, group=128, clip_search=True, clip_objective="output"
+        ),
         # groups of 64: 128 does not divide the hidden size 576
         "w4a8 g64 (no rotation)": _w4("int8", [], group=64),
         "w4a8 g64 + quarot": _w4("int8", _QUAROT, group=64),

@@ -29,6 +29,7 @@ from passes.weights import (
     protect_outliers,
     rtn,
     rtn_out_groups,
+    rtn_output_clip,
 )
 from qpass.errors import PreconditionError
 from qpass.formats import QuantSpec
@@ -97,6 +98,8 @@ def quantize_weight(
         keep[split.rows, split.cols] = True
     if cfg.algo == "gptq":
         qw = gptq(w, xtx, spec, act_order=cfg.act_order, damp=cfg.damp, keep=keep)
+    elif cfg.clip_search and cfg.clip_objective == "output":
+        qw = rtn_output_clip(w if split is None else split.W_rest, spec, xtx)
     else:
         qw = rtn(w if split is None else split.W_rest, spec, clip_search=cfg.clip_search)
     values = None

@@ -55,6 +55,7 @@ __all__ = [
     "low_rank_compensation",
     "protect_outliers",
     "rtn",
+    "rtn_output_clip",
 ]
 
 
@@ -284,6 +285,56 @@ def rtn(W: Any, spec: QuantSpec | str, *, clip_search: bool = False) -> Quantize
         spec=spec,
         tensor_scale=None if qt.tensor_scale is None else float(qt.tensor_scale),
     )
+
+
+# Output-error clip search, as AWQ's auto-clip: 20 ratios from 1 down to 0.5.
+OUTPUT_CLIP_GRID = 20
+OUTPUT_CLIP_MIN_RATIO = 0.5
+
+
+def _group_ranges(w: torch.Tensor, g_idx: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, group) min and max of ``w`` (a short last group included), each ``[out, n_groups]``."""
+    idx = g_idx.to(torch.int64).expand(w.shape[0], -1)
+    lo = torch.zeros(w.shape[0], n_groups, dtype=w.dtype).scatter_reduce_(
+        1, idx, w, "amin", include_self=False
+    )
+    hi = torch.zeros(w.shape[0], n_groups, dtype=w.dtype).scatter_reduce_(
+        1, idx, w, "amax", include_self=False
+    )
+    return lo.clamp(max=0.0), hi.clamp(min=0.0)
+
+
+def rtn_output_clip(W: Any, spec: QuantSpec | str, H: Any) -> QuantizedWeight:
+    """RTN whose per-group clip ratio minimises the layer's OUTPUT error on calibration inputs.
+
+    The weight-MSE search (``rtn(clip_search=True)``) treats every column alike, so it clips
+    the few large weights that read massive activation channels (super weights) and ruins the
+    layer. Here the error of a group is ``E_g H_gg E_gᵀ`` with ``H = XᵀX`` (the group's diagonal
+    block; the whole matrix for per-channel scales), as AWQ's auto-clip measures it on samples.
+    A ratio ``r`` clips the group to ``[r·min, r·max]`` before absmax/min-max RTN, so the result
+    is plain round-to-nearest with scales ``r`` times the absmax ones.
+    """
+    w = _weight(W)
+    spec, gs = _spec(spec, w.shape[1])
+    if spec.scale_type is not ScaleType.FLOAT32:
+        msg = f"output clip search needs scale_type=float32, got {spec.scale_type.value}"
+        raise ConfigError(msg)
+    h = _hessian(H, w.shape[1]).to(torch.float32)
+    g_idx = _sequential_g_idx(w.shape[1], gs, w.device).to(torch.int64)
+    n_groups = int(g_idx.max()) + 1
+    h_block = h * (g_idx[:, None] == g_idx[None, :])  # error couples columns of one group only
+    lo, hi = _group_ranges(w, g_idx, n_groups)
+    best_err = torch.full((w.shape[0], n_groups), math.inf, dtype=torch.float64)
+    best_ratio = torch.ones(w.shape[0], n_groups)
+    for ratio in torch.linspace(1.0, OUTPUT_CLIP_MIN_RATIO, OUTPUT_CLIP_GRID).tolist():
+        clipped = torch.minimum(torch.maximum(w, ratio * lo[:, g_idx]), ratio * hi[:, g_idx])
+        e = rtn(clipped, spec).dequantized() - w
+        err = torch.zeros_like(best_err).index_add_(1, g_idx, ((e @ h_block) * e).to(torch.float64))
+        better = err < best_err  # ties keep the larger ratio
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    r = best_ratio[:, g_idx]
+    return rtn(torch.minimum(torch.maximum(w, r * lo[:, g_idx]), r * hi[:, g_idx]), spec)
 
 
 # ------------------------------------------------------------------------------ GPTQ

@@ -108,6 +108,9 @@ class WeightQuantConfig:
     symmetric: bool = True
     algo: Literal["rtn", "gptq", "awq"] = "rtn"  # awq: the `awq` scale search pass, then RTN
     clip_search: bool = False  # RTN: MSE-optimal clip ratio per channel/group
+    # what the clip search minimises: "weight" = the group's squared rounding error;
+    # "output" = the layer's output error on calibration X^T X (AWQ's auto-clip; keeps super weights)
+    clip_objective: Literal["weight", "output"] = "weight"
     act_order: bool = True  # GPTQ: columns by descending Hessian diagonal (emits g_idx)
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
     lorc_rank: int = 0  # low-rank compensation: rank of the error correction U[out,r] @ V[r,in]; 0 = off
@@ -126,7 +129,15 @@ class WeightQuantConfig:
         """Whether quantizing needs each linear's X^T X (GPTQ, LoRC, protection, layer sensitivity, AdaDim)."""
         layer_sens = self.mixed is not None and self.mixed.sensitivity == "layer_output"
         auto_dim = self.group_axis == "auto"
-        return self.algo == "gptq" or self.lorc_rank > 0 or self.protect != 0 or layer_sens or auto_dim
+        output_clip = self.clip_search and self.clip_objective == "output"
+        return (
+            self.algo == "gptq"
+            or self.lorc_rank > 0
+            or self.protect != 0
+            or layer_sens
+            or auto_dim
+            or output_clip
+        )
 
     def __post_init__(self) -> None:
         if self.format not in WEIGHT_FORMATS:
@@ -140,6 +151,7 @@ class WeightQuantConfig:
             raise ConfigError(msg)
         self._check_extras()
         self._check_group_axis()
+        self._check_clip()
         if is_block_format(self.format):
             if self.group is not None:
                 msg = (
@@ -153,6 +165,24 @@ class WeightQuantConfig:
             if self.clip_search and self.format not in ("fp8_e4m3", "fp8_e5m2"):
                 msg = f"recipe key 'weights.clip_search': {self.format} scales follow the block absmax"
                 raise ConfigError(msg)
+
+    def _check_clip(self) -> None:
+        """The output clip objective is an RTN option with per-channel/group float scales."""
+        if self.clip_objective not in ("weight", "output"):
+            msg = f"recipe key 'weights.clip_objective': expected 'weight' or 'output', got {self.clip_objective!r}"
+            raise ConfigError(msg)
+        if self.clip_objective == "weight":
+            return
+        if not self.clip_search:
+            msg = "recipe key 'weights.clip_objective': 'output' needs 'clip_search: true'"
+            raise ConfigError(msg)
+        if self.algo == "gptq" or self.group_axis != "in" or self.format not in INT_FORMATS:
+            msg = (
+                "recipe key 'weights.clip_objective': 'output' is an RTN option for integer formats "
+                f"{INT_FORMATS} with groups along the input (got format {self.format!r}, "
+                f"algo {self.algo!r}, group_axis {self.group_axis!r})"
+            )
+            raise ConfigError(msg)
 
     def _check_group_axis(self) -> None:
         """AdaDim groups: integer formats in groups, round-to-nearest, no extras (not combined yet)."""

@@ -194,6 +194,38 @@ def test_gptq_in_the_pipeline_beats_rtn(llama_case):
     assert any(m.weight_g_idx is not None for m in models["gptq"].modules() if isinstance(m, QuantLinear))
 
 
+def test_output_clip_in_the_pipeline_beats_rtn(llama_case):
+    """`clip_objective: output` collects X^T X for RTN and lowers the summed layer error; with one
+    scale per row no layer gets worse (ratio 1 is in the grid).
+    """
+    from passes.weights import layer_error
+    from qpass.calibration import calibrate
+    from qpass.qconfig import WeightQuantConfig
+    from qpass.qlinear import canonical_weight, quant_stat_requests
+
+    view = llama_case.view("fx", None)
+    cfg = WeightQuantConfig(format="int3", clip_search=True, clip_objective="output")
+    assert cfg.needs_hessian
+    stats = calibrate(view, llama_case.batches, quant_stat_requests(view, None, cfg), progress=False)
+    models = {
+        name: qpass.quantize(llama_case.model, {"weights": w}, llama_case.batches)
+        for name, w in {
+            "rtn": {"format": "int3"},
+            "output": {"format": "int3", "clip_search": True, "clip_objective": "output"},
+        }.items()
+    }
+    total = dict.fromkeys(models, 0.0)
+    for op in iter_linear_ops(view):
+        ref = view.weight(op)
+        w = canonical_weight(view.read(ref.const), ref)
+        h = stats[view.linear_input(op)].xtx
+        err = {k: layer_error(w, getattr(m, "qlinear_" + op.name)._weight, h) for k, m in models.items()}
+        assert err["output"] <= err["rtn"] * (1 + 1e-6), (op.name, err)
+        for k in total:
+            total[k] += err[k]
+    assert total["output"] < 0.9 * total["rtn"], total
+
+
 def test_gptq_int8_per_channel_lowers_to_onnx(llama_case, onnx_dir):
     """GPTQ weights go through the same QDQ lowering: ONNX and torch agree far below the error."""
     recipe = {"weights": {"format": "int8", "algo": "gptq"}, "activations": {}}

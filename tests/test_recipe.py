@@ -55,6 +55,12 @@ def test_json_and_toml_files(tmp_path):
         ({"passes": [{"smooth_quant": {"beta": 1}}]}, "smooth_quant.beta' is unknown"),
         ({"passes": ["smooth_quant", {"a": 1, "b": 2}]}, r"passes\[1\]': expected \{pass_name"),
         ({"target": "tensorrt"}, "recipe key 'target'"),
+        ({"weights": {"clip_objective": "output"}}, "clip_objective': 'output' needs 'clip_search: true'"),
+        ({"weights": {"clip_search": True, "clip_objective": "layer"}}, "clip_objective': expected"),
+        (
+            {"weights": {"clip_search": True, "clip_objective": "output", "algo": "gptq"}},
+            "clip_objective': 'output' is an RTN option",
+        ),
     ],
 )
 def test_bad_recipes_name_the_key(data, message):

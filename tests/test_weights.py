@@ -13,6 +13,7 @@ from passes.weights import (
     low_rank_compensation,
     protect_outliers,
     rtn,
+    rtn_output_clip,
 )
 from qpass.errors import ConfigError
 from qpass.formats import fake_quantize, get_format
@@ -215,6 +216,47 @@ def test_rtn_clip_search_lowers_mse():
         assert clipped < plain
 
 
+def _super_weight_layer(n_in: int = 320, n_out: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer whose largest weights read a massive input channel (a super weight's column)."""
+    w, h = synthetic_layer(n_in, n_out, seed=11)
+    hot = int(h.diagonal().argmax())  # one of the x50 channels
+    w[:, hot] = 4.0 * w.abs().amax(1)  # each row's max sits on the massive channel
+    return w, h
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [INT3_PC, get_format("int4", group_size=128), get_format("uint4", group_size=128)],
+    ids=["int3_per_channel", "int4_g128_short_tail", "uint4_g128"],
+)
+def test_rtn_output_clip_keeps_super_weights(spec):
+    """Weight-MSE clipping cuts the large weights on the massive channel and ruins the output;
+    the output-error search keeps them and still clips where the output allows.
+    """
+    w, h = _super_weight_layer()  # 320 inputs: groups of 128 leave a short tail of 64
+    plain = err(w, rtn(w, spec), h)
+    weight_mse = err(w, rtn(w, spec, clip_search=True), h)
+    q = rtn_output_clip(w, spec, h)
+    out = err(w, q, h)
+    assert weight_mse > 2 * plain, (plain, weight_mse)  # the failure this option exists for
+    assert out < plain, (plain, out)
+    assert out < 0.5 * weight_mse, (weight_mse, out)
+    # still round-to-nearest: scales are ratio x the absmax scales, ratio in [0.5, 1]
+    ratio = q.scales / rtn(w, spec).scales
+    assert bool((ratio > 0.5 - 1e-6).all() and (ratio < 1 + 1e-6).all()), ratio
+    assert bool((ratio < 1 - 1e-6).any())
+    assert torch.equal(q.dequantized(), q.to_quantized_tensor().dequantize())
+
+
+def test_rtn_output_clip_never_worse_per_channel():
+    """With one scale per row the grid includes ratio 1, so each row's output error is at most RTN's."""
+    w, h = synthetic_layer(256, 64, seed=12)
+    e_rtn = w - rtn(w, INT3_PC).dequantized()
+    e_out = w - rtn_output_clip(w, INT3_PC, h).dequantized()
+    rows = lambda e: ((e.double() @ h) * e.double()).sum(1)  # noqa: E731
+    assert bool((rows(e_out) <= rows(e_rtn) * (1 + 1e-9)).all())
+
+
 def test_layer_error_is_relative_output_error():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(500, 64, generator=g, dtype=torch.float64)
@@ -285,6 +327,8 @@ def test_config_errors_name_the_argument():
         (lambda: gptq(w, h, get_format("int8", axis=1)), "spec"),
         (lambda: gptq(w, h, get_format("nvfp4")), "static_groups"),
         (lambda: rtn(w, get_format("mxfp4"), clip_search=True), "clip_search"),
+        (lambda: rtn_output_clip(w, get_format("mxfp4"), h), "scale_type"),
+        (lambda: rtn_output_clip(w, INT4_G128, h[:10, :10]), "'H'"),
         (lambda: low_rank_compensation(w, w, 17), "rank"),
         (lambda: protect_outliers(w, h), "count"),
         (lambda: protect_outliers(w, h, count=3, fraction=0.1), "count"),
