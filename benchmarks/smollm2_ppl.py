@@ -59,6 +59,14 @@ SUITES: dict[str, dict[str, str | dict]] = {
         # (AWQ's auto-clip): it keeps the super weights the weight-MSE search clips
         "w4a8 output-clip (no rotation)": _w4("int8", [], clip_search=True, clip_objective="output"),
         "w4a8 output-clip + quarot": _w4("int8", _QUAROT, clip_search=True, clip_objective="output"),
+        # the same Hadamards per site (gammas kept in the norms, an online Hadamard after each):
+        # what norm fusion costs the QuaRot layout with RTN weights
+        "w4a8 output-clip + per-site hadamard": _w4(
+            "int8",
+            [{"rotate": {"kind": "hadamard", "online": True}}],
+            clip_search=True,
+            clip_objective="output",
+        ),
         "w4a4 output-clip (no rotation)": _w4("int4", [], clip_search=True, clip_objective="output"),
         "w4a4 output-clip + quarot": _w4("int4", _QUAROT, clip_search=True, clip_objective="output"),
         "w4a8 g128 output-clip (no rotation)": _w4(
