@@ -34,7 +34,7 @@ import torch
 
 from passes.base import PassContext, QPass
 from passes.regions import Absorber, Site, find_absorber, find_sites, is_channel_vector
-from qpass.calibration import StatRequest, Stats
+from qpass.calibration import ChannelStats, StatKind, StatRequest, Stats
 from qpass.errors import ConfigError, PassError
 from qpass.graph.view import (
     ConstRef,
@@ -60,6 +60,7 @@ class ReorderKey(enum.Enum):
     """The per-channel magnitude that orders channels."""
 
     ACTIVATION = "activation"  # calibrated absmax of the activation (needs calibration)
+    RMS = "rms"  # calibrated root-mean-square: the typical size, not one extreme token
     WEIGHT = "weight"  # absmax of the consumers' input columns (no calibration)
 
 
@@ -69,7 +70,7 @@ class ReorderConfig:
 
     block: int = 32
     method: ReorderMethod = ReorderMethod.SORT
-    key: ReorderKey = ReorderKey.ACTIVATION
+    key: ReorderKey = ReorderKey.RMS
     linear_inputs: bool = True
     k_cache: bool = True
     outlier_ratio: float = 4.0  # a channel above this multiple of the median is an outlier (both methods)
@@ -159,6 +160,21 @@ def blocks_max_mse_proxy(key: torch.Tensor, perm: torch.Tensor, block: int) -> f
     return float(
         sum(k[s : s + block].max() ** 2 * k[s : s + block].numel() for s in range(0, k.numel(), block))
     )
+
+
+def channel_key(kind: ReorderKey, stats: ChannelStats) -> torch.Tensor:
+    """Per-channel magnitude from calibration statistics (key 'activation' or 'rms').
+
+    RMS, not absmax, is what sets a channel's share of a block's error: the block scale follows
+    each token's block max, and absmax ranks channels by one extreme token (heavy-tailed MLP
+    activations: absmax/RMS 4-8), so absmax-sorted blocks mix channels of different typical size.
+    """
+    if kind is ReorderKey.RMS:
+        if stats.sumsq is None:
+            msg = "reorder key 'rms' needs calibration moments (StatKind.MOMENTS)"
+            raise PassError(msg)
+        return (stats.sumsq / max(stats.count, 1)).sqrt()
+    return stats.absmax
 
 
 # ----------------------------------------------------------------------------- sites
@@ -440,13 +456,17 @@ class Reorder(QPass):
         return usable, notes
 
     def stat_requests(self, view: GraphView, ctx: PassContext) -> list[StatRequest]:
-        if self.config.key is not ReorderKey.ACTIVATION:
+        if self.config.key is ReorderKey.WEIGHT:
             return []
-        return [StatRequest(s.value) for s in self._sites(view)[0]]
+        kinds = {StatKind.RANGE} | ({StatKind.MOMENTS} if self.config.key is ReorderKey.RMS else set())
+        return [StatRequest(s.value, frozenset(kinds)) for s in self._sites(view)[0]]
 
     def _keys(self, site: PermutableSite, stats: Stats) -> torch.Tensor:
         """[heads, period] magnitudes: one row per permutation to choose (one row if shared)."""
-        key = stats[site.value].absmax if self.config.key is ReorderKey.ACTIVATION else site.weight_key
+        if self.config.key is ReorderKey.WEIGHT:
+            key = site.weight_key
+        else:
+            key = channel_key(self.config.key, stats[site.value])
         key = key.to(torch.float64).reshape(-1, site.period)
         tiles = {const.shape[axis] // site.period for const, axis in (*site.sinks, *site.sources)}
         if self.config.per_head and tiles == {key.shape[0]}:

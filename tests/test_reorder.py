@@ -16,10 +16,12 @@ from passes.reorder import (
     ReorderKey,
     ReorderMethod,
     balance_permutation,
+    channel_key,
     sort_permutation,
     tile_permutation,
 )
-from qpass.errors import ConfigError
+from qpass.calibration import StatKind
+from qpass.errors import ConfigError, PassError
 from qpass.formats import fake_quantize, get_format, mse
 from qpass.pass_manager import max_relative_error, run_pass
 
@@ -30,7 +32,12 @@ def _run(view, batches, **cfg):
 
 @pytest.mark.parametrize(
     "cfg",
-    [{"block": 8}, {"block": 8, "method": "balance", "outlier_ratio": 1.3}, {"block": 8, "key": "weight"}],
+    [
+        {"block": 8},
+        {"block": 8, "method": "balance", "outlier_ratio": 1.3},
+        {"block": 8, "key": "weight"},
+        {"block": 8, "key": "activation"},
+    ],
 )
 def test_reorder_preserves_function_and_op_count(case, backend, onnx_dir, cfg):
     view = case.view(backend, onnx_dir)
@@ -119,6 +126,50 @@ def test_permutations():
     torch.testing.assert_close(tile_permutation(torch.tensor([1, 0]), 6), torch.tensor([1, 0, 3, 2, 5, 4]))
 
 
+def _spiky_channels() -> torch.Tensor:
+    """32 channels of RMS 1 and 32 of RMS 0.1, each small one with one spike equal to a big
+    channel's absmax, columns shuffled: absmax interleaves the two kinds, RMS separates them.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen)
+    x[:, 32:] *= 0.1
+    x[torch.arange(32) * 8, torch.arange(32, 64)] = x[:, :32].abs().amax(0)
+    return x[:, torch.randperm(64, generator=gen)]
+
+
+def test_rms_key_groups_channels_by_typical_size():
+    """The block-MSE gain of the RMS key over absmax (benchmarks/reorder_split.py: MiniLM's FFN
+    inputs, heavy-tailed), reproduced on channels whose absmax hides their size.
+    """
+    from qpass.calibration import ChannelStats
+
+    x = _spiky_channels()
+    stats = ChannelStats(
+        x.abs().amax(0), x.amin(0), x.amax(0), count=x.shape[0], sumsq=x.double().square().sum(0)
+    )
+    spec = get_format("mxfp4", group_size=8)
+    small = x.square().mean(0) < 0.1
+    errs = {}  # block-quantization MSE of the small channels (the big ones' changes little), all
+    for kind in (ReorderKey.RMS, ReorderKey.ACTIVATION, None):
+        perm = sort_permutation(channel_key(kind, stats), block=8, ratio=4.0) if kind else torch.arange(64)
+        assert sorted(perm.tolist()) == list(range(64))
+        err = torch.empty(64)
+        err[perm] = (fake_quantize(x[:, perm], spec) - x[:, perm]).square().mean(0)
+        errs[kind] = (float(err[small].mean()), float(err.mean()))
+    assert errs[ReorderKey.RMS][0] < 0.5 * errs[ReorderKey.ACTIVATION][0], errs
+    assert errs[ReorderKey.RMS][1] < errs[None][1], errs
+    with pytest.raises(PassError, match="moments"):
+        channel_key(ReorderKey.RMS, ChannelStats(x.abs().amax(0), x.amin(0), x.amax(0), count=256))
+
+
+def test_rms_key_requests_moments(llama_case, backend, onnx_dir):
+    view = llama_case.view(backend, onnx_dir)
+    for key, want in ((ReorderKey.RMS, True), (ReorderKey.ACTIVATION, False)):
+        requests = Reorder(ReorderConfig(block=8, key=key)).stat_requests(view, PassContext())
+        assert requests and all((StatKind.MOMENTS in r.kinds) == want for r in requests)
+    assert Reorder(ReorderConfig(block=8, key=ReorderKey.WEIGHT)).stat_requests(view, PassContext()) == []
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match=r"reorder\.block"):
         ReorderConfig(block=1)
@@ -138,8 +189,9 @@ def wide_llama():
     return model, [torch.randn(4, 16, 128, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 
 
+@pytest.mark.parametrize("key", [ReorderKey.RMS, ReorderKey.ACTIVATION])
 @pytest.mark.parametrize(("fmt", "gain"), [("mxfp4", 1.15), ("bfp12", 1.1), ("mxint8", 1.2)])
-def test_reordering_lowers_block_error(wide_llama, fmt, gain):
+def test_reordering_lowers_block_error(wide_llama, fmt, gain, key):
     """Block-quantization MSE of every reordered value (linear inputs, K) drops; the whole
     benchmark with measured ratios is benchmarks/reorder_split.py.
     """
@@ -148,7 +200,7 @@ def test_reordering_lowers_block_error(wide_llama, fmt, gain):
     model, batches = wide_llama
     block = get_format(fmt).group_size
     view = FxGraphView(clone_graph_module(capture(model, batches[0])))
-    pss = Reorder(ReorderConfig(block=block))
+    pss = Reorder(ReorderConfig(block=block, key=key))
     sites, _ = pss._sites(view)
     values = [s.value for s in sites]
     assert len(values) == 6
