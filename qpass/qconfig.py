@@ -109,6 +109,9 @@ class WeightQuantConfig:
     algo: Literal["rtn", "gptq", "awq"] = "rtn"  # awq: the `awq` scale search pass, then RTN
     clip_search: bool = False  # RTN: MSE-optimal clip ratio per channel/group
     act_order: bool = True  # GPTQ: columns by descending Hessian diagonal (emits g_idx)
+    # GPTQ: group scales from the original weights in channel order, so act-order needs no g_idx
+    # (MatMulNBits runs without an input permutation; benchmarks/results/onnxruntime_vs_peers.md)
+    static_groups: bool = False
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
     lorc_rank: int = 0  # low-rank compensation: rank of the error correction U[out,r] @ V[r,in]; 0 = off
     protect: int | float = 0  # weights kept in float per layer: a count (int) or a fraction in (0, 1)
