@@ -232,6 +232,8 @@ def test_dynamic_activations_on_matmulintegertofloat(wfmt, acfg):
     out_model, q = quantize(model, {"weights": {"format": wfmt}, "activations": acfg}, x)
     ops = collections.Counter(op_types(out_model))
     assert ops["MatMulIntegerToFloat"] == 1 and ops["MatMul"] == 0
+    # per token: x / s then QuantizeLinear, row-scale Mul after; per tensor: the scale is a_scale
+    assert (ops["Mul"], ops["Div"]) == ((1, 2) if acfg["granularity"] == "per_token" else (0, 1)), ops
     ref = (fake_quant_act(torch.from_numpy(x), q.act, None) @ q.dequantized_weight().T).numpy() + b
     out = run(out_model, x)
     assert rel_max(out, ref) < 1e-5
