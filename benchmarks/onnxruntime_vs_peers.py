@@ -147,9 +147,7 @@ def jobs_for(src: Path, pre: Path, calib: list, ort_calib: list) -> list[tuple[s
 
 
 def with_group(name: str, group: int) -> dict[str, Any]:
-    """A built-in recipe with another weight group size (SmolLM2: 128 does not divide 576, and
-    qpass does not pad a partial last group; 32 is ORT's other block size, same bits per weight).
-    """
+    """A built-in recipe with another weight group size (32: ORT's other block size)."""
     data = yaml.safe_load(builtin_text(name))
     data["name"] = f"{name}-g{group}"
     data["weights"]["group"] = group

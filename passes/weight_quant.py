@@ -97,7 +97,9 @@ def quantize_weight(
         keep = torch.zeros(w.shape, dtype=torch.bool)
         keep[split.rows, split.cols] = True
     if cfg.algo == "gptq":
-        qw = gptq(w, xtx, spec, act_order=cfg.act_order, damp=cfg.damp, keep=keep)
+        qw = gptq(
+            w, xtx, spec, act_order=cfg.act_order, static_groups=cfg.static_groups, damp=cfg.damp, keep=keep
+        )
     elif cfg.clip_search and cfg.clip_objective == "output":
         qw = rtn_output_clip(w if split is None else split.W_rest, spec, xtx)
     else:

@@ -112,6 +112,9 @@ class WeightQuantConfig:
     # "output" = the layer's output error on calibration X^T X (AWQ's auto-clip; keeps super weights)
     clip_objective: Literal["weight", "output"] = "weight"
     act_order: bool = True  # GPTQ: columns by descending Hessian diagonal (emits g_idx)
+    # GPTQ: group scales from the original weights in channel order, so act-order needs no g_idx
+    # (MatMulNBits runs without an input permutation; benchmarks/results/onnxruntime_vs_peers.md)
+    static_groups: bool = False
     damp: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
     lorc_rank: int = 0  # low-rank compensation: rank of the error correction U[out,r] @ V[r,in]; 0 = off
     protect: int | float = 0  # weights kept in float per layer: a count (int) or a fraction in (0, 1)

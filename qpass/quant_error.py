@@ -77,7 +77,14 @@ def _hessians(view: GraphView, inputs: dict[str, ValueRef], batches: list[Any]) 
 def _gptq(w: torch.Tensor, hessian: torch.Tensor, cfg: WeightQuantConfig) -> torch.Tensor:
     from passes.weights import gptq  # the algorithms live with the passes
 
-    qw = gptq(w.float(), hessian.float(), weight_spec(cfg), act_order=cfg.act_order, damp=cfg.damp)
+    qw = gptq(
+        w.float(),
+        hessian.float(),
+        weight_spec(cfg),
+        act_order=cfg.act_order,
+        static_groups=cfg.static_groups,
+        damp=cfg.damp,
+    )
     return qw.dequantized().double()
 
 

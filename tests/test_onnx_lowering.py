@@ -139,6 +139,24 @@ def test_matmulnbits_act_order(symmetric, g_idx):
     assert rel_max(run(out_model, x), ref) < 1e-5
 
 
+def test_gptq_static_groups_needs_no_permutation():
+    """`weights.static_groups` (the w4a16-gptq recipe): act-order GPTQ with groups in channel order,
+    so MatMulNBits takes the input as is (no Gather, no g_idx) and equals the reference.
+    """
+    k = 256
+    model, b = linear_model(k)
+    x = inputs(k)
+    wcfg = {"format": "int4", "group": 32, "symmetric": True, "algo": "gptq", "act_order": True}
+    out_model, q = quantize(model, {"weights": {**wcfg, "static_groups": True}}, x)
+    assert q.g_idx is None and op_types(out_model) == ["MatMulNBits", "Add"]
+    node = next(n for n in out_model.graph.node if n.op_type == "MatMulNBits")
+    assert len(node.input) <= 4
+    ref = x @ q.dequantized_weight().numpy().T + b
+    assert rel_max(run(out_model, x), ref) < 1e-5
+    _, q_dynamic = quantize(model, {"weights": wcfg}, x)  # a different GPTQ: not the dynamic groups
+    assert not torch.equal(q.codes, q_dynamic.codes)
+
+
 def test_nibble_order_is_low_first():
     u = np.arange(16, dtype=np.uint8).reshape(1, 16)
     assert _pack_nibbles(u)[0, 0] == 0x10 and _pack_nibbles(u)[0, 7] == 0xFE
@@ -214,6 +232,8 @@ def test_dynamic_activations_on_matmulintegertofloat(wfmt, acfg):
     out_model, q = quantize(model, {"weights": {"format": wfmt}, "activations": acfg}, x)
     ops = collections.Counter(op_types(out_model))
     assert ops["MatMulIntegerToFloat"] == 1 and ops["MatMul"] == 0
+    # per token: x / s then QuantizeLinear, row-scale Mul after; per tensor: the scale is a_scale
+    assert (ops["Mul"], ops["Div"]) == ((1, 2) if acfg["granularity"] == "per_token" else (0, 1)), ops
     ref = (fake_quant_act(torch.from_numpy(x), q.act, None) @ q.dequantized_weight().T).numpy() + b
     out = run(out_model, x)
     assert rel_max(out, ref) < 1e-5
