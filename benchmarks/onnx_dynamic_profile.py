@@ -74,9 +74,8 @@ def session(path: Path, profile: str | None = None, spin: bool = False) -> ort.I
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def op_times(path: Path, feed: dict, runs: int, tmp: Path) -> dict[str, float]:
-    """Kernel ms per op type and run, from ORT's profiler (warm-up runs excluded)."""
-    s = session(path, str(tmp / path.stem))
+def kernel_times(s: ort.InferenceSession, feed: dict, runs: int) -> dict[str, float]:
+    """Kernel ms per op type and run of a profiling session, from ORT's profiler (2 warm-up runs dropped)."""
     for _ in range(2 + runs):
         s.run(None, feed)
     events = json.loads(Path(s.end_profiling()).read_text())
@@ -89,6 +88,11 @@ def op_times(path: Path, feed: dict, runs: int, tmp: Path) -> dict[str, float]:
         for e in sorted(node_events, key=lambda e: e["ts"])[2:]:  # the 2 warm-up runs dropped
             agg[e["args"]["op_name"]] += e["dur"] / runs / 1e3
     return dict(agg.most_common())
+
+
+def op_times(path: Path, feed: dict, runs: int, tmp: Path) -> dict[str, float]:
+    """Kernel ms per op type and run of the model at `path`."""
+    return kernel_times(session(path, str(tmp / path.stem)), feed, runs)
 
 
 def wall(paths: dict[str, Path], feed: dict, runs: int, spin: bool) -> dict[str, float]:

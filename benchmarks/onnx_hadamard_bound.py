@@ -35,6 +35,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx_dynamic_profile import kernel_times
 from onnx_hadamard import BATCHES, SEQ, graph_model, lowered, quantized_linear, session, time_all
 
 from passes.rotation_math import hadamard
@@ -102,14 +103,7 @@ def kernel_ms(proto: bytes | onnx.ModelProto, x: np.ndarray, runs: int) -> float
     with tempfile.TemporaryDirectory() as tmp:
         so.profile_file_prefix = str(Path(tmp) / "p")
         s = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
-        for _ in range(2 + runs):
-            s.run(None, {"x": x})
-        events = json.loads(Path(s.end_profiling()).read_text())
-    by_node: dict[str, list[float]] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            by_node.setdefault(e["name"], []).append((e["ts"], e["dur"]))
-    return sum(d for v in by_node.values() for _, d in sorted(v)[2:]) / runs / 1e3  # warm-up dropped
+        return sum(kernel_times(s, {"x": x}, runs).values())
 
 
 def main() -> None:
