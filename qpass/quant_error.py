@@ -14,7 +14,7 @@ import torch
 
 from qpass.graph.view import GraphView, OpKind, ValueRef, iter_linear_ops
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
-from qpass.qlinear import canonical_weight, fake_quant_act, fake_quant_weight, weight_spec
+from qpass.qlinear import canonical_weight, fake_quant_act, weight_spec
 
 
 def linear_output_errors(
@@ -26,7 +26,8 @@ def linear_output_errors(
     """For each 2-D linear: sum ||Q(x) Q(W)^T - x W^T||^2 / sum ||x W^T||^2 over the batches.
 
     Activations must be dynamic (per token or per tensor at run time): no calibrated ranges here.
-    Weights are rounded to nearest, or by GPTQ (`algo: gptq`) with the Hessian of the same batches.
+    Weights go through the pipeline's weight quantizer (RTN, clip searches, GPTQ, protection,
+    LoRC), with the X^T X of the same batches where the config needs one.
     """
     batches = list(batches)
     if activations is not None and not activations.dynamic:
@@ -39,13 +40,10 @@ def linear_output_errors(
     for op in ops:
         ref = view.weight(op)
         w_fp[op.name] = canonical_weight(view.read(ref.const), ref).to(torch.float64)
-    if weights is not None and weights.algo == "gptq":
-        hessians = _hessians(view, inputs, batches)
-        w_q = {name: _gptq(w, hessians[name], weights) for name, w in w_fp.items()}
-    elif weights is not None:
-        w_q = {name: fake_quant_weight(w.float(), weights).double() for name, w in w_fp.items()}
-    else:
-        w_q = w_fp
+    w_q = w_fp
+    if weights is not None:
+        hessians = _hessians(view, inputs, batches) if weights.needs_hessian else {}
+        w_q = {name: _quantized(w, hessians.get(name), weights, name) for name, w in w_fp.items()}
     num = dict.fromkeys(w_fp, 0.0)
     den = dict.fromkeys(w_fp, 0.0)
     for observed in view.observe_stream(list(dict.fromkeys(inputs.values())), batches):
@@ -74,18 +72,14 @@ def _hessians(view: GraphView, inputs: dict[str, ValueRef], batches: list[Any]) 
     return out
 
 
-def _gptq(w: torch.Tensor, hessian: torch.Tensor, cfg: WeightQuantConfig) -> torch.Tensor:
-    from passes.weights import gptq  # the algorithms live with the passes
+def _quantized(
+    w: torch.Tensor, hessian: torch.Tensor | None, cfg: WeightQuantConfig, layer: str
+) -> torch.Tensor:
+    """The weight the lowered layer would apply, through the pipeline's one weight path."""
+    from passes.weight_quant import quantize_weight  # the algorithms live with the passes
 
-    qw = gptq(
-        w.float(),
-        hessian.float(),
-        weight_spec(cfg),
-        act_order=cfg.act_order,
-        static_groups=cfg.static_groups,
-        damp=cfg.damp,
-    )
-    return qw.dequantized().double()
+    xtx = None if hessian is None else hessian.float()
+    return quantize_weight(w.float(), cfg, weight_spec(cfg), xtx, layer=layer).effective().double()
 
 
 def mean_error(errors: dict[str, float]) -> float:
