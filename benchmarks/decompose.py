@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from qpass.passes.decompose import Int8DecomposeConfig, select_channels
 
 import qpass
-from passes.decompose import Int8DecomposeConfig, select_channels
 from qpass.qconfig import ActGranularity, ActivationQuantConfig, WeightQuantConfig
-from qpass.qlinear import dynamic_spec, fake_quant_weight
+from qpass.quant.qlinear import dynamic_spec, fake_quant_weight
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

@@ -5,7 +5,7 @@
    batched from the left ([c, c] @ [rows, c, rest], form "kron") or flat from the right with a
    Transpose after each (form "kron_t"); every grouping of at most 4 chunks in both forms is
    timed for n = 384, 576, 1536 and the fastest (geometric mean over both batch sizes) goes into
-   `lowering.onnx_functions.PLANS`.
+   `qpass.lowering.onnx_functions.PLANS`.
 2. Forms per n: the constant n x n MatMul; the previous function body (sign Mul + [p, p] and
    [m, m] MatMuls); the best chunking with signs (Mul) and without (signs folded into the
    producer by the rotate pass); the n x n dense MatMul (yardstick of the first run).
@@ -38,11 +38,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from qpass.lowering.onnx_functions import lower_rotations, sylvester_split
 
 import qpass
-from lowering.onnx_functions import lower_rotations, sylvester_split
-from passes.rotation_math import hadamard, randomized_hadamard
 from qpass.graph.onnx import KIND_KEY
+from qpass.math.rotation import hadamard, randomized_hadamard
 from qpass.qconfig import RotationOp
 
 RESULTS = Path(__file__).resolve().parent / "results"

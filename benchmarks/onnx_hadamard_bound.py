@@ -3,7 +3,7 @@
 A rotation that is not fused into the linear is at least one separate op reading and writing the
 activation [B, 128, n] in float32; the cheapest such op (one elementwise Mul by a constant) is
 the memory floor of any form. Forms beyond it, n = 1536 (the down-projection input):
-- `kron a·b(·c)`: one batched MatMul per Kronecker factor (what `lowering.onnx_functions`
+- `kron a·b(·c)`: one batched MatMul per Kronecker factor (what `qpass.lowering.onnx_functions`
   ships: the best of every grouping of up to 4 factors, `benchmarks/onnx_hadamard.py`);
   sum(factors) multiply-adds per element, one pass per factor;
 - `butterfly stage`: one radix-2 stage (Split halves, Add, Sub, Concat); a full fast transform
@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_dynamic_profile import kernel_times
 from onnx_hadamard import BATCHES, SEQ, graph_model, lowered, quantized_linear, session, time_all
 
-from passes.rotation_math import hadamard
+from qpass.math.rotation import hadamard
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N = 1536

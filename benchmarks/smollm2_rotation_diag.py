@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from passes.rotation_math import randomized_hadamard
-from passes.weights import rtn
 from qpass import zoo
+from qpass.math.rotation import randomized_hadamard
 from qpass.qconfig import WeightQuantConfig
-from qpass.qlinear import weight_spec
+from qpass.quant.qlinear import weight_spec
+from qpass.quant.weights import rtn
 
 OUT = Path(__file__).parent / "results" / "smollm2_rotation_diag.md"
 LAYERS = (5, 10, 15, 25)

@@ -4,7 +4,7 @@ The models of tests/models.py (TinyLlama: RMSNorm, SwiGLU, GQA; TinyOpt: pre-LN 
 embedding) with massive residual-stream channels (`inject_stream_outliers`, factor 20). For each
 graph kind and transform, the relative squared output error of every linear under INT4 per-token
 activations and INT4 per-channel weights (RTN or GPTQ), averaged over the linears
-(`qpass.quant_error`). Writes benchmarks/results/synthetic_rotation.{json,md}.
+(`qpass.quant.error`). Writes benchmarks/results/synthetic_rotation.{json,md}.
 
     .venv/bin/python benchmarks/synthetic_rotation.py [--all]
 """
@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from conftest import Case  # noqa: E402
 from models import TinyLlama, TinyOpt, inject_stream_outliers, opt_inputs, stream_outlier_inputs  # noqa: E402
+from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig  # noqa: E402
+from qpass.passes.rotate import Rotate, RotateConfig, RotationKind, RotationLayout  # noqa: E402
 
-from passes.base import PassContext  # noqa: E402
-from passes.norm_fusion import FuseNorms, FuseNormsConfig  # noqa: E402
-from passes.rotate import Rotate, RotateConfig, RotationKind, RotationLayout  # noqa: E402
+from qpass.pass_base import PassContext  # noqa: E402
 from qpass.pass_manager import run_pass  # noqa: E402
 from qpass.qconfig import ActGranularity, ActivationQuantConfig, WeightQuantConfig  # noqa: E402
-from qpass.quant_error import linear_output_errors, mean_error  # noqa: E402
+from qpass.quant.error import linear_output_errors, mean_error  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 FACTOR = 20.0

@@ -25,9 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
 import qpass
-from lowering.torch_backend import LinearKernel, QuantLinear
 from qpass import zoo
 from qpass.graph.fx import clone_graph_module
 
@@ -39,10 +39,9 @@ GPU_KN = (4096, 11008)
 # --------------------------------------------------------------------------- GPU
 def _gpu_rows() -> list[dict]:
     import triton.testing
-
-    from kernels.hadamard import hadamard_triton, kernel_supports
-    from kernels.w4a16 import pack_int4, w4a16_triton
-    from kernels.w8a8 import int8_gemm_triton, quantize_per_token_triton
+    from qpass.kernels.hadamard import hadamard_triton, kernel_supports
+    from qpass.kernels.w4a16 import pack_int4, w4a16_triton
+    from qpass.kernels.w8a8 import int8_gemm_triton, quantize_per_token_triton
 
     rows = []
     dev = "cuda"

@@ -47,10 +47,10 @@ from minilm_vs_ort import ListReader  # noqa: E402  (benchmarks/ is the script's
 from onnxruntime.quantization import matmul_nbits_quantizer as mnb  # noqa: E402
 
 import qpass  # noqa: E402
-from passes.weights import gptq, layer_error, rtn  # noqa: E402
 from qpass import zoo  # noqa: E402
 from qpass.formats import Granularity, QuantSpec  # noqa: E402
 from qpass.formats.spec import ElementType  # noqa: E402
+from qpass.quant.weights import gptq, layer_error, rtn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_BATCH = 16

@@ -17,11 +17,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from models import TinyLlama, inject_outliers, llama_inputs  # noqa: E402 - the test suite's small LLaMA
 
-from passes.base import PassContext, QPass  # noqa: E402
-from passes.regions import find_absorber, find_sites  # noqa: E402
 from qpass.graph.fx import FxGraphView, capture  # noqa: E402
 from qpass.graph.onnx import OnnxGraphView, load_model  # noqa: E402
+from qpass.graph.regions import find_absorber, find_sites  # noqa: E402
 from qpass.graph.view import EditPlan, ScaleChannels, SiteNote  # noqa: E402
+from qpass.pass_base import PassContext, QPass  # noqa: E402
 from qpass.pass_manager import run_pass  # noqa: E402
 
 

@@ -1,8 +1,8 @@
 """Online Hadamard transform as a PT2 op: `qpass::hadamard_transform(x, signs) = fwht(x * signs)`.
 
-Equal to x @ (diag(signs) H) for the matrix `passes.rotation_math.hadamard` builds, in
+Equal to x @ (diag(signs) H) for the matrix `qpass.math.rotation.hadamard` builds, in
 O(n log n) instead of a dense n x n matmul. CPU runs the pure-torch reference
-(`passes.rotation_math.fwht`); CUDA runs the Triton kernel below for n = m * 2^k with a
+(`qpass.math.rotation.fwht`); CUDA runs the Triton kernel below for n = m * 2^k with a
 Paley base m <= 32 (m in {1, 12, 20, 28}: the sizes LLMs use, e.g. 11008 = 43*256 is not one,
 14336 = 28*512 is). The fake (meta) implementation lets torch.export / torch.compile trace it.
 
@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 
 import torch
+from qpass.kernels._triton import HAS_TRITON, check_launchable, next_pow2, tl, triton, use_triton
 
-from kernels._triton import HAS_TRITON, check_launchable, next_pow2, tl, triton, use_triton
-from passes.rotation_math import _dense_base, _require_plan, fwht
 from qpass.errors import ConfigError
+from qpass.math.rotation import _dense_base, _require_plan, fwht
 
 MAX_BASE = 32  # the Paley base is padded to a power of two in registers; 12, 20, 28 fit
 

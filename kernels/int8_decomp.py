@@ -12,9 +12,9 @@ channels into a second accumulator, and applies the epilogue once.
 from __future__ import annotations
 
 import torch
+from qpass.kernels._triton import HAS_TRITON, cdiv, check_launchable, interpreting, tl, triton, use_triton
+from qpass.kernels.w8a8 import int8_gemm_reference, quantize_per_token_reference
 
-from kernels._triton import HAS_TRITON, cdiv, check_launchable, interpreting, tl, triton, use_triton
-from kernels.w8a8 import int8_gemm_reference, quantize_per_token_reference
 from qpass.errors import ConfigError
 
 

@@ -5,7 +5,7 @@ quantization (optionally after a power-of-two online Hadamard), each beside its 
     y = int8_gemm(q, s_a, w_codes, s_w, bias, dtype) # (q @ w^T) in int32, * s_a[:, None] * s_w[None, :] + bias
 
 `w_codes` is int8 [N, K] (symmetric per-output-channel weights, zero point 0) as
-`qpass.qlinear.QLinear` holds them. The references are the CPU path: `torch._int_mm` is a
+`qpass.quant.qlinear.QLinear` holds them. The references are the CPU path: `torch._int_mm` is a
 real int8 x int8 -> int32 GEMM on CPU and CUDA; it wants its weight operand as a contiguous
 [K, N] matrix (a transposed view is ~2.5x slower on CPU), so callers pass `w_kn`.
 Rounding is half-to-even everywhere, as `torch.round` and `qpass.formats` do.
@@ -14,8 +14,7 @@ Rounding is half-to-even everywhere, as `torch.round` and `qpass.formats` do.
 from __future__ import annotations
 
 import torch
-
-from kernels._triton import (
+from qpass.kernels._triton import (
     HAS_TRITON,
     cdiv,
     check_launchable,
@@ -25,6 +24,7 @@ from kernels._triton import (
     triton,
     use_triton,
 )
+
 from qpass.errors import ConfigError
 
 QMAX = 127  # narrow-range symmetric INT8, as qpass.formats quantizes (codes in [-127, 127])
@@ -78,7 +78,7 @@ def quantize_per_token_hadamard(x: torch.Tensor, signs: torch.Tensor) -> tuple[t
     """
     if use_triton(x, signs):
         return quantize_per_token_triton(x, signs)
-    from kernels.hadamard import hadamard_reference
+    from qpass.kernels.hadamard import hadamard_reference
 
     return quantize_per_token_reference(hadamard_reference(x, signs))
 
@@ -121,7 +121,7 @@ INT8_GEMM_CONFIGS = (
 )
 
 if HAS_TRITON:
-    from kernels.hadamard import sylvester_rows
+    from qpass.kernels.hadamard import sylvester_rows
 
     @triton.jit
     def round_half_even(v):

@@ -54,7 +54,7 @@ class BackendOptions:
 
 def calibration_needs(recipe: Recipe, view: Any) -> list[str]:
     """What in `recipe` needs calibration statistics on this graph (empty: calibration-free)."""
-    from passes.base import PassContext
+    from qpass.pass_base import PassContext
 
     ctx = PassContext(recipe.weights, recipe.activations)
     needs = [s.name for s in recipe.passes if s.build().stat_requests(view, ctx)]

@@ -41,7 +41,7 @@ from qpass.formats import ElementType, Granularity, QuantSpec, ScaleType, decode
 from qpass.formats.elements import encode_float
 from qpass.formats.scales import FP8_E4M3_MAX, int_unit
 from qpass.qconfig import OnnxLoweringConfig, WeightOp
-from qpass.qlinear import QLinear, dynamic_spec
+from qpass.quant.qlinear import QLinear, dynamic_spec
 
 DOMAIN = "qpass"
 FP8_DQ_OPSET = 19  # DequantizeLinear on FLOAT8E4M3FN / FLOAT8E5M2
@@ -195,7 +195,7 @@ def _register(model: ir.Model, function: ir.Function) -> str:
 def fake_quant_function(spec: QuantSpec, opset: int) -> ir.Function:
     """`qpass.FakeQuant<FMT>(x) -> y`: dynamic quantize-dequantize of x in `spec` over its last axis.
 
-    `spec` is `qpass.qlinear.dynamic_spec` of the activation config: per token with a float32
+    `spec` is `qpass.quant.qlinear.dynamic_spec` of the activation config: per token with a float32
     scale (FP8), or blocks of the last axis with E8M0 (MX, BFP) or E4M3 x float32 (NVFP4) scales.
     """
     b = _Body(opset)

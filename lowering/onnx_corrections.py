@@ -1,6 +1,6 @@
 """ONNX form of a quantized linear's float corrections: low-rank compensation and kept weights.
 
-Same arithmetic as `lowering.torch_corrections`: ``y = Q(x) W_qᵀ + (Q(x) Vᵀ) Uᵀ + sparse(Q(x))``
+Same arithmetic as `qpass.lowering.torch_corrections`: ``y = Q(x) W_qᵀ + (Q(x) Vᵀ) Uᵀ + sparse(Q(x))``
 with ``Q`` the linear's activation quantization (identity for weight-only recipes). Before the
 linear itself is lowered, its output is rerouted through one ``Add`` with the correction terms:
 LoRC is two small MatMuls (``[in, r]`` then ``[r, out]``); the kept weights are a ``Gather`` of
@@ -15,14 +15,14 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from qpass.qlinear import QLinear
+from qpass.quant.qlinear import QLinear
 
 
 def add_corrections(view, node: ir.Node, q: QLinear, x: ir.Value, new_node) -> None:
     """Insert ``node_out + corrections(x)`` after `node` and hand the node's readers the sum.
 
     `x` is the input the corrections read (the activation-quantized input when the recipe
-    quantizes activations); `new_node` builds a named node (`lowering.onnxruntime._new_node`).
+    quantizes activations); `new_node` builds a named node (`qpass.lowering.onnxruntime._new_node`).
     """
     graph = view.model.graph
     y = node.outputs[0]

@@ -15,8 +15,8 @@ import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
 from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
+from qpass.lowering.onnx_functions import lower_rotations
 
-from lowering.onnx_functions import lower_rotations
 from qpass.errors import PassError
 from qpass.qconfig import OnnxLoweringConfig
 

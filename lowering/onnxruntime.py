@@ -30,13 +30,18 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 import torch
+from qpass.lowering.onnx_block_formats import block_fake_quant, lower_block_weight
+from qpass.lowering.weight_packing import (
+    PackedNBits,
+    act_order_permutation,
+    blocked_dq_arrays,
+    matmulnbits_arrays,
+)
 
-from lowering.onnx_block_formats import block_fake_quant, lower_block_weight
-from lowering.weight_packing import PackedNBits, act_order_permutation, blocked_dq_arrays, matmulnbits_arrays
 from qpass.errors import UnsupportedOpError
 from qpass.graph.view import OpRef
 from qpass.qconfig import ActGranularity, OnnxLoweringConfig, WeightOp, format_bits, is_block_format
-from qpass.qlinear import QLinear
+from qpass.quant.qlinear import QLinear
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 BLOCKED_DQ_OPSET = 21  # DequantizeLinear with block_size, int4 types
@@ -73,7 +78,7 @@ def lower_linear_onnx(view, op: OpRef, q: QLinear, config: OnnxLoweringConfig | 
         _lower_decomposed(view, node, op, q)
         return
     if q.has_corrections:  # LoRC / kept weights: an Add of small float terms after the linear
-        from lowering.onnx_corrections import add_corrections
+        from qpass.lowering.onnx_corrections import add_corrections
 
         x_corr = _act_float(view, node, q) if q.act is not None else node.inputs[0]
         add_corrections(view, node, q, x_corr, _new_node)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from qpass.formats import ScaleType
 from qpass.graph.view import OpRef
 from qpass.qconfig import ActGranularity
-from qpass.qlinear import QLinear, canonical_weight, dequantize_weight, fake_quant_act
+from qpass.quant.qlinear import QLinear, canonical_weight, dequantize_weight, fake_quant_act
 
 
 class LinearKernel(enum.Enum):
@@ -62,8 +62,8 @@ def select_kernel(q: QLinear) -> LinearKernel:
 
 
 def mx_kernel_fits(q: QLinear) -> bool:
-    """Elements and scales `kernels.mx_gemm` decodes, blocks along the input channels, no g_idx."""
-    from kernels.mx_gemm import MX_ELEMENTS, MX_SCALES
+    """Elements and scales `qpass.kernels.mx_gemm` decodes, blocks along the input channels, no g_idx."""
+    from qpass.kernels.mx_gemm import MX_ELEMENTS, MX_SCALES
 
     spec = q.spec
     if spec is None or q.codes is None or q.g_idx is not None or q.group_size is None:
@@ -127,13 +127,13 @@ class QuantLinear(torch.nn.Module):
             self.register_buffer("_bias_fused", fused.contiguous(), persistent=False)
             self._shift = shift
         if self.kernel is LinearKernel.W4A16:
-            from kernels.w4a16 import pack_int4
+            from qpass.kernels.w4a16 import pack_int4
 
             symmetric = self.weight_zero_points is None
             self.register_buffer("_packed", pack_int4(self.weight_codes, symmetric), persistent=False)
             self._w4_group = self.group_size or self.weight_codes.shape[1]
         if self.kernel is LinearKernel.MX:
-            from kernels.mx_gemm import pack_mx_codes
+            from qpass.kernels.mx_gemm import pack_mx_codes
 
             mx = pack_mx_codes(self.weight_codes, self.weight_scales, self.spec, self.tensor_scale)
             self.register_buffer("_mx_data", mx.data, persistent=False)
@@ -155,7 +155,7 @@ class QuantLinear(torch.nn.Module):
         return x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
     def _forward_w8a8(self, x: torch.Tensor, qp) -> torch.Tensor:
-        import kernels.w8a8  # noqa: F401 - registers torch.ops.qpass.{quantize_per_token,int8_gemm}
+        import qpass.kernels.w8a8  # noqa: F401 - registers torch.ops.qpass.{quantize_per_token,int8_gemm}
 
         lead, k = x.shape[:-1], x.shape[-1]
         rows = x.reshape(-1, k)
@@ -176,7 +176,7 @@ class QuantLinear(torch.nn.Module):
         return y.reshape(*lead, -1).to(x.dtype)
 
     def _forward_w4a16(self, x: torch.Tensor) -> torch.Tensor:
-        import kernels.w4a16  # noqa: F401 - registers torch.ops.qpass.w4a16_gemm
+        import qpass.kernels.w4a16  # noqa: F401 - registers torch.ops.qpass.w4a16_gemm
 
         lead, k = x.shape[:-1], x.shape[-1]
         g_idx = self.weight_g_idx
@@ -188,7 +188,7 @@ class QuantLinear(torch.nn.Module):
         return y.reshape(*lead, -1)
 
     def _forward_mx(self, x: torch.Tensor) -> torch.Tensor:
-        import kernels.mx_gemm  # noqa: F401 - registers torch.ops.qpass.mx_gemm
+        import qpass.kernels.mx_gemm  # noqa: F401 - registers torch.ops.qpass.mx_gemm
 
         dtype, lead, k = x.dtype, x.shape[:-1], x.shape[-1]
         if self.act is not None:
@@ -210,7 +210,7 @@ class QuantLinear(torch.nn.Module):
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if self.rotation_signs is not None:
-            from kernels.hadamard import hadamard_reference
+            from qpass.kernels.hadamard import hadamard_reference
 
             x = hadamard_reference(x, self.rotation_signs)
         if self.act is not None:
@@ -250,7 +250,7 @@ def fuse_rotations_into_quantize(gm: fx.GraphModule) -> int:
     fused kernel on CUDA, the same references in sequence on CPU, so the result is unchanged).
     Power-of-two sizes only, as the fused kernel; returns how many were fused.
     """
-    import kernels.hadamard  # noqa: F401 - the op the pattern matches
+    import qpass.kernels.hadamard  # noqa: F401 - the op the pattern matches
 
     fused = 0
     for node in list(gm.graph.nodes):
@@ -293,11 +293,11 @@ def lower_linear_fx(view, op: OpRef, q: QLinear) -> None:
     bias = view.read(q.weight.bias) if q.weight.bias is not None else None
     weight_fp = canonical_weight(view.read(q.weight.const), q.weight) if q.codes is None else None
     if q.has_corrections:  # LoRC / kept weights: extra float terms beside the quantized path
-        from lowering.torch_corrections import CorrectedQuantLinear
+        from qpass.lowering.torch_corrections import CorrectedQuantLinear
 
         module = CorrectedQuantLinear(q, weight_fp, bias)
     elif q.fp_channels is not None:  # LLM.int8 decomposition: an INT8 part and a float part
-        from lowering.torch_decompose import DecomposedQuantLinear
+        from qpass.lowering.torch_decompose import DecomposedQuantLinear
 
         module = DecomposedQuantLinear(q, weight_fp, bias)
     else:

@@ -10,9 +10,9 @@ a sparse term ``y[..., rows[k]] += x[..., cols[k]] * values[k]`` (an ``index_add
 from __future__ import annotations
 
 import torch
+from qpass.lowering.torch_backend import QuantLinear
 
-from lowering.torch_backend import QuantLinear
-from qpass.qlinear import QLinear, fake_quant_act
+from qpass.quant.qlinear import QLinear, fake_quant_act
 
 
 class CorrectedQuantLinear(QuantLinear):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
-from lowering.torch_backend import LinearKernel, QuantLinear
-from qpass.qlinear import QLinear, dequantize_weight, fake_quant_act
+from qpass.quant.qlinear import QLinear, dequantize_weight, fake_quant_act
 
 
 class DecomposedQuantLinear(QuantLinear):
@@ -40,7 +40,7 @@ class DecomposedQuantLinear(QuantLinear):
 
     def gemm_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(q, a_scale, w8_kn, w_scale, x_out, w_out, bias) for `qpass::int8_decomp_gemm` on rows of x."""
-        import kernels.w8a8  # noqa: F401 - registers torch.ops.qpass.quantize_per_token
+        import qpass.kernels.w8a8  # noqa: F401 - registers torch.ops.qpass.quantize_per_token
 
         rows = x.reshape(-1, x.shape[-1])
         q, a_scale = torch.ops.qpass.quantize_per_token(rows.index_select(1, self._normal))
@@ -50,7 +50,7 @@ class DecomposedQuantLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is LinearKernel.W8A8_DECOMP:
-            import kernels.int8_decomp  # noqa: F401 - registers torch.ops.qpass.int8_decomp_gemm
+            import qpass.kernels.int8_decomp  # noqa: F401 - registers torch.ops.qpass.int8_decomp_gemm
 
             y = torch.ops.qpass.int8_decomp_gemm(*self.gemm_operands(x), self._out_dtype(x))
             return y.reshape(*x.shape[:-1], -1).to(x.dtype)

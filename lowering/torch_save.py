@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
-from lowering.torch_backend import LinearKernel, QuantLinear
 from qpass.errors import ConfigError, ModelLoadError
 from qpass.graph.fx import _all_dims_auto, split_batch
 from qpass.recipe import Recipe
@@ -36,11 +36,11 @@ class LoadedModel:
 
 def register_qpass_ops() -> None:
     """Register the qpass::* custom ops a saved quantized program may call."""
-    import kernels.hadamard  # noqa: F401 - the qpass::* ops a saved program calls
-    import kernels.int8_decomp  # noqa: F401
-    import kernels.mx_gemm  # noqa: F401
-    import kernels.w4a16  # noqa: F401
-    import kernels.w8a8  # noqa: F401
+    import qpass.kernels.hadamard  # noqa: F401 - the qpass::* ops a saved program calls
+    import qpass.kernels.int8_decomp  # noqa: F401
+    import qpass.kernels.mx_gemm  # noqa: F401
+    import qpass.kernels.w4a16  # noqa: F401
+    import qpass.kernels.w8a8  # noqa: F401
 
 
 def _not_read_when_packed(m: QuantLinear) -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from qpass.qlinear import QLinear
+from qpass.quant.qlinear import QLinear
 
 NBITS_BLOCKS = (256, 128, 64, 32, 16)  # MatMulNBits block sizes: powers of two in [16, 256]
 PER_CHANNEL_BLOCK = 128  # per-channel scales are repeated over blocks of this size

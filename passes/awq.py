@@ -1,6 +1,6 @@
 """AWQ / SmoothQuant+-style scale search for weight-only quantization.
 
-Per smoothing site (an activation and the linears reading it, found by `passes.regions`),
+Per smoothing site (an activation and the linears reading it, found by `qpass.graph.regions`),
 input channel j of every sink weight is multiplied by ``s_j = mean|X_j|^alpha`` (normalised
 to a geometric mean of 1) and the producer absorbs ``1/s_j``, exactly as `smooth_quant` does.
 Salient input channels (large mean activation) then get finer effective weight steps.
@@ -17,15 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from qpass.passes.smooth import tile_to
 
-from passes.base import PassContext, QPass
-from passes.regions import Absorber, Site, absorbable_sites
-from passes.smooth import tile_to
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
+from qpass.graph.regions import Absorber, Site, absorbable_sites
 from qpass.graph.view import EditPlan, GraphView, ScaleChannels, SiteNote
+from qpass.pass_base import PassContext, QPass
 from qpass.qconfig import INT_FORMATS, WeightQuantConfig
-from qpass.qlinear import canonical_weight, fake_quant_weight
+from qpass.quant.qlinear import canonical_weight, fake_quant_weight
 
 
 @dataclass(frozen=True)

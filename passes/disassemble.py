@@ -34,10 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from passes.base import PassContext, QPass
-from passes.regions import find_sites, is_channel_vector
 from qpass.calibration import StatRequest, Stats
 from qpass.errors import ConfigError
+from qpass.graph.regions import find_sites, is_channel_vector
 from qpass.graph.view import (
     ConstRef,
     EditPlan,
@@ -47,6 +46,7 @@ from qpass.graph.view import (
     SiteNote,
     ValueRef,
 )
+from qpass.pass_base import PassContext, QPass
 
 
 @dataclass(frozen=True)

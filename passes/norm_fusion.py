@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from passes.base import PassContext, QPass
-from passes.regions import Site, find_sites, is_channel_vector
 from qpass.calibration import Stats
+from qpass.graph.regions import Site, find_sites, is_channel_vector
 from qpass.graph.view import ConstRef, EditPlan, GraphView, OpKind, ScaleChannels, ShiftChannels, SiteNote
-from qpass.qlinear import canonical_weight
+from qpass.pass_base import PassContext, QPass
+from qpass.quant.qlinear import canonical_weight
 
 
 @dataclass(frozen=True)

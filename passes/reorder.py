@@ -32,10 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from passes.base import PassContext, QPass
-from passes.regions import Absorber, Site, find_absorber, find_sites, is_channel_vector
 from qpass.calibration import ChannelStats, StatKind, StatRequest, Stats
 from qpass.errors import ConfigError, PassError
+from qpass.graph.regions import Absorber, Site, find_absorber, find_sites, is_channel_vector
 from qpass.graph.view import (
     ConstRef,
     EditPlan,
@@ -47,6 +46,7 @@ from qpass.graph.view import (
     ValueRef,
     WeightRef,
 )
+from qpass.pass_base import PassContext, QPass
 
 
 class ReorderMethod(enum.Enum):
@@ -303,7 +303,7 @@ def linear_input_site(view: GraphView, site: Site) -> PermutableSite | str:
 
 
 def _weight_key(view: GraphView, sinks) -> torch.Tensor:
-    from qpass.qlinear import canonical_weight
+    from qpass.quant.qlinear import canonical_weight
 
     cols = [canonical_weight(view.read(s.weight.const), s.weight).abs().amax(0) for s in sinks]
     return torch.stack(cols).amax(0)

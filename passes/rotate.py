@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from passes.base import PassContext, QPass
-from passes.quarot import plan_residual
-from passes.regions import Site, find_absorber, find_sites
-from passes.rotation_math import (
+from qpass.calibration import StatKind, StatRequest, Stats
+from qpass.graph.regions import Site, find_absorber, find_sites
+from qpass.graph.residual import plan_residual
+from qpass.graph.view import EditPlan, GraphView, InsertRotation, RotateChannels, ScaleChannels, SiteNote
+from qpass.math.rotation import (
     duquant_matrix,
     duquant_rotation,
     hadamard_block_size,
@@ -36,8 +37,7 @@ from passes.rotation_math import (
     random_signs,
     randomized_hadamard,
 )
-from qpass.calibration import StatKind, StatRequest, Stats
-from qpass.graph.view import EditPlan, GraphView, InsertRotation, RotateChannels, ScaleChannels, SiteNote
+from qpass.pass_base import PassContext, QPass
 
 
 class RotationKind(enum.Enum):

@@ -22,12 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from qpass.passes.smooth import tile_to
 
-from passes.base import PassContext, QPass
-from passes.regions import Absorber, Site, absorbable_sites, is_channel_vector
-from passes.smooth import tile_to
 from qpass.calibration import ChannelStats, StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
+from qpass.graph.regions import Absorber, Site, absorbable_sites, is_channel_vector
 from qpass.graph.view import (
     AddBias,
     ConstRef,
@@ -39,8 +38,9 @@ from qpass.graph.view import (
     ShiftChannels,
     SiteNote,
 )
+from qpass.pass_base import PassContext, QPass
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
-from qpass.qlinear import canonical_weight, quantized_output_error
+from qpass.quant.qlinear import canonical_weight, quantized_output_error
 
 
 @dataclass(frozen=True)

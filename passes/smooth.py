@@ -14,12 +14,12 @@ from typing import Literal
 
 import torch
 
-from passes.base import PassContext, QPass
-from passes.regions import Absorber, Site, absorbable_sites
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
+from qpass.graph.regions import Absorber, Site, absorbable_sites
 from qpass.graph.view import EditPlan, GraphView, ScaleChannels, SiteNote
-from qpass.qlinear import canonical_weight, quantized_output_error
+from qpass.pass_base import PassContext, QPass
+from qpass.quant.qlinear import canonical_weight, quantized_output_error
 
 
 @dataclass(frozen=True)

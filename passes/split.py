@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from passes.base import PassContext, QPass
 from qpass.calibration import Stats
 from qpass.errors import ConfigError
 from qpass.graph.view import EditPlan, GraphView, OpKind, SiteNote, SplitOp, iter_linear_ops
-from qpass.qlinear import canonical_weight
+from qpass.pass_base import PassContext, QPass
+from qpass.quant.qlinear import canonical_weight
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from passes.base import PassContext
 from qpass.calibration import calibrate
 from qpass.data import onnx_batches, torch_batches
 from qpass.errors import ConfigError
@@ -20,8 +19,9 @@ from qpass.graph.fx import FxGraphView, capture, clone_graph_module
 from qpass.graph.onnx import OnnxGraphView, load_model
 from qpass.graph.view import GraphView
 from qpass.io import check_output_path, save_onnx
+from qpass.pass_base import PassContext
 from qpass.pass_manager import PassReport, PassResult, run_passes
-from qpass.qlinear import plan_quantization, quant_stat_requests
+from qpass.quant.qlinear import plan_quantization, quant_stat_requests
 from qpass.recipe import Recipe, get_recipe
 
 ModelLike = torch.nn.Module | torch.export.ExportedProgram | onnx.ModelProto | ir.Model | str | os.PathLike
@@ -88,11 +88,11 @@ def quantize_with_report(
         view.apply(plan)
         report.results.append(PassResult("quantize", plan))
         if isinstance(view, FxGraphView):
-            from lowering.torch_backend import fuse_rotations_into_quantize
+            from qpass.lowering.torch_backend import fuse_rotations_into_quantize
 
             fuse_rotations_into_quantize(view.gm)
     if isinstance(view, OnnxGraphView):
-        from lowering.onnx_finalize import finalize_onnx
+        from qpass.lowering.onnx_finalize import finalize_onnx
 
         finalize_onnx(view.model, recipe.lowering)
         out: Any = view.to_proto() if as_proto else view.model
@@ -111,7 +111,7 @@ def _weight_passes(recipe: Recipe) -> list:
         and recipe.weights.algo == "awq"
         and not any(p.name == "awq" for p in steps)
     ):
-        from passes.awq import AWQ, AWQConfig
+        from qpass.passes.awq import AWQ, AWQConfig
 
         steps.append(AWQ(AWQConfig()))
     return steps

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from passes.base import PassContext, QPass
 from qpass.calibration import Stats, calibrate
 from qpass.errors import PassError
 from qpass.graph.view import CONSTANT_EDITS, ConstRef, EditPlan, GraphView, ReplaceWithQOp
+from qpass.pass_base import PassContext, QPass
 
 log = logging.getLogger("qpass")
 

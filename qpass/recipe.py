@@ -14,10 +14,11 @@ from typing import Any, Literal
 import tomllib
 import yaml
 
-from passes import PASSES, QPass
 from qpass.config import from_mapping, to_mapping
 from qpass.errors import ConfigError
+from qpass.pass_base import QPass
 from qpass.qconfig import ActivationQuantConfig, OnnxLoweringConfig, WeightQuantConfig
+from qpass.registry import PASSES
 
 _TOP_KEYS = ("name", "description", "passes", "weights", "activations", "target", "lowering")
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from qpass.lowering.torch_backend import QuantLinear
 
 import qpass
-from lowering.torch_backend import QuantLinear
 from qpass.errors import ConfigError
 from qpass.formats import fake_quantize, get_format
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
-from qpass.qlinear import fake_quant_act
+from qpass.quant.qlinear import fake_quant_act
 from qpass.recipe import Recipe
 
 
@@ -98,8 +98,8 @@ def test_block_weights_take_reference_kernel_and_save(llama_case, tmp_path):
     """FP8 per channel has 8-bit codes but is no INT8: never the integer kernels; saved and loaded
     (packed-only forward decodes the bit patterns) the outputs are unchanged.
     """
-    from lowering.torch_backend import LinearKernel
-    from lowering.torch_save import load_quantized, save_quantized
+    from qpass.lowering.torch_backend import LinearKernel
+    from qpass.lowering.torch_save import load_quantized, save_quantized
 
     for fmt, kernel in (("fp8_e4m3", LinearKernel.REFERENCE), ("mxfp4", LinearKernel.MX)):
         q = qpass.quantize(llama_case.model, _recipe(fmt, None), llama_case.batches)
@@ -122,8 +122,8 @@ def test_mx_kernel_layout_decodes_to_the_reference_weight(llama_case, wfmt, afmt
     reference path uses; the packed-only forward (CPU op) and the Triton kernel (interpreter)
     agree with the reference forward.
     """
-    from kernels.mx_gemm import dequantize_mx, mx_gemm_triton
-    from lowering.torch_backend import LinearKernel
+    from qpass.kernels.mx_gemm import dequantize_mx, mx_gemm_triton
+    from qpass.lowering.torch_backend import LinearKernel
 
     q = qpass.quantize(llama_case.model, _recipe(wfmt, afmt), llama_case.batches)
     mods = [m for m in q.modules() if isinstance(m, QuantLinear)]

@@ -15,10 +15,10 @@ import onnxruntime as ort
 import pytest
 from test_cli_tools import check_html, layer_numbers, pearson_kurtosis, qpass_cli
 
-from passes.base import PassContext
 from qpass import zoo
 from qpass.api import open_view
 from qpass.data import onnx_batches
+from qpass.pass_base import PassContext
 from qpass.pass_manager import run_passes
 from qpass.recipe import get_recipe
 from qpass.sources import load_data

@@ -18,14 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from passes.base import PassContext
 from qpass.api import open_view
 from qpass.calibration import StatRequest, calibrate
 from qpass.cli import main
 from qpass.data import onnx_batches
 from qpass.graph.view import iter_linear_ops
+from qpass.pass_base import PassContext
 from qpass.pass_manager import run_passes
-from qpass.qlinear import canonical_weight
+from qpass.quant.qlinear import canonical_weight
 from qpass.recipe import get_recipe
 
 TESTS = Path(__file__).resolve().parent
@@ -349,7 +349,7 @@ def test_inspect_torch_factory(bert_files, tmp_path, capsys):
 
 def _load_pt2(path):
     """A saved quantized program calls qpass::* kernels: register them, then load."""
-    from lowering.torch_save import register_qpass_ops
+    from qpass.lowering.torch_save import register_qpass_ops
 
     register_qpass_ops()
     return torch.export.load(str(path)).module()

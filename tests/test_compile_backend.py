@@ -12,10 +12,10 @@ import pytest
 import tomllib
 import torch
 from models import TinyLlama, inject_outliers, llama_inputs
+from qpass.lowering.compile_backend import BackendOptions, qpass_backend, register
+from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
 import qpass
-from lowering.compile_backend import BackendOptions, qpass_backend, register
-from lowering.torch_backend import LinearKernel, QuantLinear
 from qpass.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,17 +15,17 @@ import pytest
 import torch
 from conftest import Case
 from models import TinyOpt, inject_stream_outliers, opt_inputs
+from qpass.passes.decompose import Int8Decompose, Int8DecomposeConfig, select_channels
+from qpass.passes.smooth import SmoothQuant, SmoothQuantConfig
 
 import qpass
-from passes.base import PassContext
-from passes.decompose import Int8Decompose, Int8DecomposeConfig, select_channels
-from passes.smooth import SmoothQuant, SmoothQuantConfig
 from qpass import zoo
 from qpass.errors import ConfigError, PassError
 from qpass.graph.view import KeepFloatChannels
+from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
 from qpass.qconfig import ActGranularity, ActivationQuantConfig, WeightQuantConfig
-from qpass.qlinear import plan_quantization
+from qpass.quant.qlinear import plan_quantization
 from qpass.recipe import Recipe
 
 A8_CFG = {"format": "int8", "granularity": ActGranularity.PER_TOKEN, "dynamic": True}
@@ -161,8 +161,8 @@ def test_w4a8_reference_path_matches_onnx(llama_case, onnx_dir):
     """INT4 per-channel weights have no integer kernel on torch: the fake-quant reference of the same
     math runs, and equals the ONNX lowering (MatMulInteger takes the int4 codes as int8).
     """
-    from lowering.torch_backend import LinearKernel
-    from lowering.torch_decompose import DecomposedQuantLinear
+    from qpass.lowering.torch_backend import LinearKernel
+    from qpass.lowering.torch_decompose import DecomposedQuantLinear
 
     recipe = {"passes": [{"int8_decompose": {}}], **W8A8, "weights": {"format": "int4", "symmetric": True}}
     calib = llama_case.batches[:-1]
@@ -179,10 +179,10 @@ def test_torch_kernel_wiring(quantized, llama_case):
     """CPU: qpass::int8_decomp_gemm's torch._int_mm path equals the fake-quant reference; the Triton
     kernel (interpreted here) computes the same from the module's own operands.
     """
-    from kernels._triton import interpreting
-    from kernels.int8_decomp import int8_decomp_triton
-    from lowering.torch_backend import LinearKernel
-    from lowering.torch_decompose import DecomposedQuantLinear
+    from qpass.kernels._triton import interpreting
+    from qpass.kernels.int8_decomp import int8_decomp_triton
+    from qpass.lowering.torch_backend import LinearKernel
+    from qpass.lowering.torch_decompose import DecomposedQuantLinear
 
     gm = quantized["w8a8-int8decomp", "fx"].model
     mods = [m for m in gm.modules() if isinstance(m, DecomposedQuantLinear)]
@@ -199,7 +199,7 @@ def test_torch_kernel_wiring(quantized, llama_case):
 
 
 def test_save_and_load(quantized, llama_case, tmp_path):
-    from lowering.torch_save import load_quantized, save_quantized
+    from qpass.lowering.torch_save import load_quantized, save_quantized
 
     gm = quantized["w8a8-int8decomp", "fx"].model
     x = llama_case.batches[-1]

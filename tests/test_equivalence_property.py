@@ -2,7 +2,7 @@
 graph kinds, leaves the FP function unchanged (max rel err <= 1e-4 on held-out inputs) or skips
 the site and says why.
 
-The passes come from `passes.PASSES` (those marked `equivalent`), so a newly registered pass is
+The passes come from `qpass.registry.PASSES` (those marked `equivalent`), so a newly registered pass is
 tested without touching this file. Its config is the default, with every enum and bool field
 drawn at random. Hypothesis is derandomized so CI is reproducible.
 """
@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from random_graphs import build, example_batches, export_onnx, graph_specs
 
-from passes import PASSES
-from passes.base import PassContext
 from qpass.errors import ConfigError
 from qpass.graph.fx import FxGraphView, capture, clone_graph_module
 from qpass.graph.onnx import OnnxGraphView, load_model
+from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
+from qpass.registry import PASSES
 
 TOLERANCE = 1e-4
 EQUIVALENT = sorted(name for name, (_, cls) in PASSES.items() if cls.equivalent)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qpass.graph.view import AddBias, EditPlan, OpKind, ScaleChannels, iter_linear_ops
-from qpass.qlinear import canonical_weight
+from qpass.quant.qlinear import canonical_weight
 
 
 def _linear_params(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from qpass.kernels.hadamard import hadamard_transform
+from qpass.passes.rotate import Rotate, RotateConfig
 
-from kernels.hadamard import hadamard_transform
-from passes.base import PassContext
-from passes.rotate import Rotate, RotateConfig
-from passes.rotation_math import random_signs, randomized_hadamard
+from qpass.math.rotation import random_signs, randomized_hadamard
+from qpass.pass_base import PassContext
 from qpass.pass_manager import run_pass
 
 

@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels._triton import interpreting  # noqa: E402
-from kernels.hadamard import hadamard_reference, hadamard_triton, kernel_supports  # noqa: E402
-from kernels.w4a16 import dequantize_int4, pack_int4, unpack_int4, w4a16_reference, w4a16_triton  # noqa: E402
-from kernels.w8a8 import (  # noqa: E402
+from qpass.kernels._triton import interpreting  # noqa: E402
+from qpass.kernels.hadamard import hadamard_reference, hadamard_triton, kernel_supports  # noqa: E402
+from qpass.kernels.w4a16 import dequantize_int4, pack_int4, unpack_int4, w4a16_reference, w4a16_triton  # noqa: E402
+from qpass.kernels.w8a8 import (  # noqa: E402
     int8_gemm,
     int8_gemm_reference,
     int8_gemm_triton,
@@ -23,10 +23,11 @@ from kernels.w8a8 import (  # noqa: E402
     quantize_per_token_reference,
     quantize_per_token_triton,
 )
-from passes.rotation_math import random_signs, randomized_hadamard  # noqa: E402
+
 from qpass.errors import ConfigError  # noqa: E402
 from qpass.formats import Granularity, QuantSpec  # noqa: E402
 from qpass.formats.elements import ElementType  # noqa: E402
+from qpass.math.rotation import random_signs, randomized_hadamard  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
@@ -177,7 +178,8 @@ def test_w4a16_gemm(m, n, k, group, symmetric, act_order, split_k, dtype):
 @pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8", "nvfp4"])
 @pytest.mark.parametrize(("m", "n", "k"), [(5, 33, 96), (17, 20, 160)])
 def test_block_scaled_gemm_matches_formats_reference(fmt, m, n, k):
-    from kernels.mx_gemm import dequantize_mx, mx_gemm_reference, mx_gemm_triton, pack_mx_weight
+    from qpass.kernels.mx_gemm import dequantize_mx, mx_gemm_reference, mx_gemm_triton, pack_mx_weight
+
     from qpass.formats import dequantize, get_format, quantize
 
     g = torch.Generator().manual_seed(m * n)
@@ -194,7 +196,8 @@ def test_block_scaled_gemm_matches_formats_reference(fmt, m, n, k):
 
 
 def test_block_scaled_gemm_rejects_other_formats():
-    from kernels.mx_gemm import pack_mx_weight
+    from qpass.kernels.mx_gemm import pack_mx_weight
+
     from qpass.formats import get_format, quantize
 
     with pytest.raises(ConfigError, match="mx_gemm: expects"):
@@ -203,7 +206,7 @@ def test_block_scaled_gemm_rejects_other_formats():
 
 @pytest.mark.parametrize(("m", "n", "k", "n_out"), [(7, 20, 50, 3), (33, 45, 70, 17)])
 def test_int8_decomposition_gemm(m, n, k, n_out):
-    from kernels.int8_decomp import int8_decomp_reference, int8_decomp_triton, split_columns
+    from qpass.kernels.int8_decomp import int8_decomp_reference, int8_decomp_triton, split_columns
 
     g = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=g)

@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from passes.mixed_precision import (
+from qpass.errors import ConfigError
+from qpass.formats import get_format
+from qpass.quant.allocation import (
     Allocation,
     Candidate,
     LayerChoice,
@@ -15,8 +17,6 @@ from passes.mixed_precision import (
     brute_force,
     storage_bits,
 )
-from qpass.errors import ConfigError
-from qpass.formats import get_format
 
 
 def random_layers(rng: random.Random, integer: bool) -> list[LayerChoice]:

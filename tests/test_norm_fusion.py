@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig
 
-from passes.base import PassContext
-from passes.norm_fusion import FuseNorms, FuseNormsConfig
 from qpass.graph.view import OpKind
+from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
 
 

@@ -17,14 +17,14 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from qpass.lowering.onnx_block_formats import DOMAIN, _e4m3_bytes, fake_quant_function, format_tag
 
 import qpass
-from lowering.onnx_block_formats import DOMAIN, _e4m3_bytes, fake_quant_function, format_tag
 from qpass.api import quantize_with_report
 from qpass.errors import UnsupportedOpError
 from qpass.formats import get_format
 from qpass.qconfig import BLOCK_FORMATS, ActivationQuantConfig
-from qpass.qlinear import dynamic_spec, fake_quant_act
+from qpass.quant.qlinear import dynamic_spec, fake_quant_act
 from qpass.recipe import Recipe
 
 N_OUT = 48
@@ -263,11 +263,12 @@ def test_scales_without_a_byte_form_stay_float32(fmt):
     """
     import dataclasses
 
-    from lowering.onnx_finalize import finalize_onnx
+    from qpass.lowering.onnx_finalize import finalize_onnx
+
     from qpass.graph.onnx import OnnxGraphView, load_model
     from qpass.graph.view import EditPlan
     from qpass.qconfig import WeightQuantConfig
-    from qpass.qlinear import plan_quantization
+    from qpass.quant.qlinear import plan_quantization
 
     k = 64
     model, _, b = linear_model(k)

@@ -16,16 +16,16 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from qpass.lowering.onnx_finalize import check_lowered
+from qpass.lowering.onnx_functions import hadamard_function, kron_chunks, lower_rotations, sylvester_split
+from qpass.lowering.weight_packing import _pack_nibbles
 
-from lowering.onnx_finalize import check_lowered
-from lowering.onnx_functions import hadamard_function, kron_chunks, lower_rotations, sylvester_split
-from lowering.weight_packing import _pack_nibbles
-from passes.rotation_math import hadamard, random_signs, randomized_hadamard
 from qpass.api import quantize_with_report
 from qpass.errors import ConfigError, PassError, UnsupportedOpError
 from qpass.graph.onnx import KIND_KEY
+from qpass.math.rotation import hadamard, random_signs, randomized_hadamard
 from qpass.qconfig import RotationOp
-from qpass.qlinear import fake_quant_act
+from qpass.quant.qlinear import fake_quant_act
 
 N_OUT = 40
 
@@ -364,7 +364,7 @@ def test_short_last_group_quantizes_and_lowers_to_matmulnbits(algo):
     """
     import torch
 
-    from passes.weights import layer_error, rtn
+    from qpass.quant.weights import layer_error, rtn
 
     k = 576
     model, b = linear_model(k)

@@ -12,13 +12,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
+from qpass.lowering.torch_backend import QuantLinear
 
 import qpass
-from lowering.torch_backend import QuantLinear
 from qpass.errors import UnsupportedOpError
 from qpass.graph.view import iter_linear_ops
 from qpass.qconfig import ActivationQuantConfig
-from qpass.qlinear import act_qparams
+from qpass.quant.qlinear import act_qparams
 
 
 def _ort(model: onnx.ModelProto):
@@ -168,10 +168,10 @@ def test_gptq_in_the_pipeline_beats_rtn(llama_case):
     """Same format and calibration: every layer's output error on calibration data, tr(E H E^T) /
     tr(W H W^T), is lower with GPTQ than with RTN (ONNX Runtime's GPTQ option ships RTN weights).
     """
-    from passes.weights import layer_error
     from qpass.calibration import calibrate
     from qpass.qconfig import WeightQuantConfig
-    from qpass.qlinear import canonical_weight, quant_stat_requests
+    from qpass.quant.qlinear import canonical_weight, quant_stat_requests
+    from qpass.quant.weights import layer_error
 
     view = llama_case.view("fx", None)
     requests = quant_stat_requests(view, None, WeightQuantConfig(algo="gptq"))
@@ -198,10 +198,10 @@ def test_output_clip_in_the_pipeline_beats_rtn(llama_case):
     """`clip_objective: output` collects X^T X for RTN and lowers the summed layer error; with one
     scale per row no layer gets worse (ratio 1 is in the grid).
     """
-    from passes.weights import layer_error
     from qpass.calibration import calibrate
     from qpass.qconfig import WeightQuantConfig
-    from qpass.qlinear import canonical_weight, quant_stat_requests
+    from qpass.quant.qlinear import canonical_weight, quant_stat_requests
+    from qpass.quant.weights import layer_error
 
     view = llama_case.view("fx", None)
     cfg = WeightQuantConfig(format="int3", clip_search=True, clip_objective="output")

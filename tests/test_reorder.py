@@ -7,10 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from models import TinyLlama, spread_channel_outliers
-
-import qpass
-from passes.base import PassContext
-from passes.reorder import (
+from qpass.passes.reorder import (
     Reorder,
     ReorderConfig,
     ReorderKey,
@@ -20,9 +17,12 @@ from passes.reorder import (
     sort_permutation,
     tile_permutation,
 )
+
+import qpass
 from qpass.calibration import StatKind
 from qpass.errors import ConfigError, PassError
 from qpass.formats import fake_quantize, get_format, mse
+from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
 
 

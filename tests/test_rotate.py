@@ -8,12 +8,12 @@ import collections
 
 import pytest
 import torch
+from qpass.passes.rotate import Rotate, RotateConfig, RotationKind, block_diagonal
 
 import qpass
-from passes.base import PassContext
-from passes.rotate import Rotate, RotateConfig, RotationKind, block_diagonal
 from qpass.calibration import StatKind, StatRequest, calibrate
 from qpass.graph.view import OpKind, iter_linear_ops
+from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
 
 

@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from passes.rotation_math import (
+from qpass.errors import ConfigError
+from qpass.formats import get_format
+from qpass.math.rotation import (
     channel_covariance,
     duquant_apply,
     duquant_matrix,
@@ -27,8 +29,6 @@ from passes.rotation_math import (
     rotate_error,
     zigzag_permutation,
 )
-from qpass.errors import ConfigError
-from qpass.formats import get_format
 
 F64 = torch.float64
 

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import qpass
-from passes.base import PassContext
-from passes.shift import (
+from qpass.passes.shift import (
     OSPlusConfig,
     OutlierSuppressionPlus,
     OutlierTune,
@@ -17,9 +14,12 @@ from passes.shift import (
     equalizing_scales,
     threshold_scales,
 )
+
+import qpass
 from qpass.calibration import calibrate
 from qpass.errors import ConfigError
 from qpass.graph.view import AddBias, ShiftChannels
+from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error
 
 PASSES_ONLY = {"weights": None, "activations": None}
@@ -143,7 +143,7 @@ def test_outlier_tune_equalises_symmetric_ranges(bert_case, backend, onnx_dir):
 
 
 def _site_values(view, labels):
-    from passes.regions import find_sites
+    from qpass.graph.regions import find_sites
 
     sites, _ = find_sites(view)
     by_label = {s.label: s.value for s in sites}

@@ -7,13 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from qpass.passes.smooth import SmoothQuant, SmoothQuantConfig, smoothing_scales
 
 import qpass
-from passes.base import PassContext, QPass
-from passes.smooth import SmoothQuant, SmoothQuantConfig, smoothing_scales
 from qpass.calibration import calibrate
 from qpass.errors import ConfigError, PassError
 from qpass.graph.view import EditPlan, ScaleChannels
+from qpass.pass_base import PassContext, QPass
 from qpass.pass_manager import max_relative_error, run_pass
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from qpass.passes.split import SplitQuant, SplitQuantConfig, kmeans_1d, split_weight
 
 import qpass
-from passes.base import PassContext
-from passes.split import SplitQuant, SplitQuantConfig, kmeans_1d, split_weight
 from qpass.errors import ConfigError
 from qpass.graph.view import iter_linear_ops
+from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
 from qpass.qconfig import WeightQuantConfig
-from qpass.qlinear import fake_quant_weight
+from qpass.quant.qlinear import fake_quant_weight
 
 
 def test_split_preserves_function(case, backend, onnx_dir):

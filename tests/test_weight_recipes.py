@@ -13,11 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import TinyLlama, inject_outliers, llama_inputs
+from qpass.lowering.torch_corrections import CorrectedQuantLinear
 
-from lowering.torch_corrections import CorrectedQuantLinear
-from passes.mixed_precision import storage_bits
-from passes.weight_quant import quantize_weight
-from passes.weights import gptq, layer_error, rtn
 from qpass.api import quantize_with_report
 from qpass.calibration import StatKind, StatRequest, calibrate
 from qpass.config import from_mapping
@@ -25,7 +22,10 @@ from qpass.errors import ConfigError
 from qpass.graph.fx import FxGraphView, capture, clone_graph_module
 from qpass.graph.view import OpKind, ReplaceWithQOp, iter_linear_ops
 from qpass.qconfig import WeightQuantConfig
-from qpass.qlinear import canonical_weight, plan_quantization, weight_spec
+from qpass.quant.allocation import storage_bits
+from qpass.quant.qlinear import canonical_weight, plan_quantization, weight_spec
+from qpass.quant.weight_quant import quantize_weight
+from qpass.quant.weights import gptq, layer_error, rtn
 from qpass.recipe import get_recipe
 from qpass.threads import single_thread
 

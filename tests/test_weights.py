@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from passes.weights import (
+from qpass.errors import ConfigError
+from qpass.formats import fake_quantize, get_format
+from qpass.formats.scales import fake_rows
+from qpass.quant.weights import (
     QuantizedWeight,
     gptq,
     layer_error,
@@ -15,9 +18,6 @@ from passes.weights import (
     rtn,
     rtn_output_clip,
 )
-from qpass.errors import ConfigError
-from qpass.formats import fake_quantize, get_format
-from qpass.formats.scales import fake_rows
 
 INT4_G128 = get_format("int4", group_size=128)
 INT3_PC = get_format("int3", granularity="per_channel")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from passes.weights import gptq, layer_error, rtn
 from qpass import zoo
 from qpass.formats import Granularity, QuantSpec
 from qpass.formats.spec import ElementType
+from qpass.quant.weights import gptq, layer_error, rtn
 
 
 def _hessians(model: torch.nn.Module, batches) -> dict[str, torch.Tensor]:

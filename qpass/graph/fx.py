@@ -344,7 +344,7 @@ class FxGraphView(GraphView):
             attr = graph.get_attr(name)
         with graph.inserting_after(attr):
             if fast:
-                import kernels.hadamard  # noqa: F401 - registers torch.ops.qpass.hadamard_transform
+                import qpass.kernels.hadamard  # noqa: F401 - registers torch.ops.qpass.hadamard_transform
 
                 rot = graph.call_function(torch.ops.qpass.hadamard_transform.default, (src, attr))
             else:
@@ -429,7 +429,7 @@ class FxGraphView(GraphView):
         self.dirty = True
 
     def replace_with_qop(self, edit: ReplaceWithQOp) -> None:
-        from lowering.torch_backend import lower_linear_fx
+        from qpass.lowering.torch_backend import lower_linear_fx
 
         lower_linear_fx(self, edit.op, edit.qlinear)
 

@@ -530,6 +530,6 @@ class OnnxGraphView(GraphView):
                 self.graph.initializers.pop(v.name)
 
     def replace_with_qop(self, edit: ReplaceWithQOp) -> None:
-        from lowering.onnxruntime import lower_linear_onnx
+        from qpass.lowering.onnxruntime import lower_linear_onnx
 
         lower_linear_onnx(self, edit.op, edit.qlinear)

@@ -219,7 +219,7 @@ class KeepFloatChannels:
 
 @dataclass(frozen=True)
 class ReplaceWithQOp:
-    """Replace a linear op by its quantized form; `qlinear` is a `qpass.qlinear.QLinear`."""
+    """Replace a linear op by its quantized form; `qlinear` is a `qpass.quant.qlinear.QLinear`."""
 
     op: OpRef
     qlinear: Any

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from passes.base import PassContext
 from qpass.calibration import StatRequest, Stats, calibrate
 from qpass.graph.view import GraphView, OpRef, iter_linear_ops
+from qpass.pass_base import PassContext
 from qpass.pass_manager import run_passes
-from qpass.qlinear import canonical_weight
+from qpass.quant.qlinear import canonical_weight
 
 DEFAULT_RATIO = 6.0  # an outlier channel has absmax >= 6x the median channel's
 MAX_LISTED = 16  # outlier channels listed per profile (largest first); the count is always exact

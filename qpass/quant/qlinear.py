@@ -250,13 +250,13 @@ def plan_quantization(
 ) -> EditPlan:
     """One ReplaceWithQOp per quantizable linear; skipped layers say why.
 
-    With `wcfg.mixed`, each layer's format is chosen first (`passes.mixed_precision.choose_formats`,
+    With `wcfg.mixed`, each layer's format is chosen first (`qpass.quant.allocation.choose_formats`,
     which measures sensitivity on `batches`) and the choice is reported per layer.
     """
     plan = EditPlan("quantize")
     chosen: dict[str, Any] = {}
     if wcfg is not None and wcfg.mixed is not None:
-        from passes.mixed_precision import choose_formats
+        from qpass.quant.allocation import choose_formats
 
         chosen, notes = choose_formats(view, stats, wcfg, batches)
         plan.notes.extend(notes)
@@ -268,7 +268,7 @@ def plan_quantization(
             continue
         fp_channels = view.float_channels(op)
         if fp_channels is not None:  # int8_decompose chose float input channels for this layer
-            from passes.decompose import decomposed_qlinear
+            from qpass.quant.decompose import decomposed_qlinear
 
             qlinear = decomposed_qlinear(view, op, ref, stats, wcfg, acfg, fp_channels)
         else:
@@ -294,7 +294,7 @@ def _quantize_linear(
     if chosen is not None:
         wcfg, lw = chosen
     if wcfg is not None:
-        from passes.weight_quant import quantize_weight  # the algorithms live with the passes
+        from qpass.quant.weight_quant import quantize_weight  # the algorithms live with the passes
 
         spec = weight_spec(wcfg)
         if lw is None:

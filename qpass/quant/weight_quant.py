@@ -12,7 +12,7 @@ The steps compose in this order because each one corrects what the previous left
    layer's output error when ``X^T X`` is known (else plain SVD, ZeroQuant-V2's choice).
 
 The effective weight is ``dequant(codes) + U @ V + sparse``; the torch lowering applies the
-two corrections as separate small terms (``lowering.torch_corrections``).
+two corrections as separate small terms (``qpass.lowering.torch_corrections``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from passes.weights import (
+from qpass.errors import PreconditionError
+from qpass.formats import QuantSpec
+from qpass.qconfig import WeightQuantConfig
+from qpass.quant.weights import (
     QuantizedWeight,
     gptq,
     layer_error,
@@ -31,9 +34,6 @@ from passes.weights import (
     rtn_out_groups,
     rtn_output_clip,
 )
-from qpass.errors import PreconditionError
-from qpass.formats import QuantSpec
-from qpass.qconfig import WeightQuantConfig
 
 
 @dataclass(frozen=True, eq=False)

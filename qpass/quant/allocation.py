@@ -409,7 +409,7 @@ def _check_budget_first(view: Any, cands: list[Any], mixed: Any) -> int:
     Returns the number of weights of the linears to quantize.
     """
     from qpass.graph.view import OpKind, iter_linear_ops
-    from qpass.qlinear import weight_spec
+    from qpass.quant.qlinear import weight_spec
 
     least = n = 0
     for op in iter_linear_ops(view):
@@ -446,10 +446,10 @@ def choose_formats(
     model (then restores the weight); ``layer_output`` uses the layer's own output error
     ``tr(E H Eᵀ)/tr(W H Wᵀ)``. Errors are added across layers (the knapsack's assumption).
     """
-    from passes.weight_quant import quantize_weight
-    from passes.weights import layer_error
     from qpass.graph.view import OpKind, SiteNote, iter_linear_ops
-    from qpass.qlinear import canonical_weight, weight_spec
+    from qpass.quant.qlinear import canonical_weight, weight_spec
+    from qpass.quant.weight_quant import quantize_weight
+    from qpass.quant.weights import layer_error
 
     mixed = wcfg.mixed
     cands = _candidate_configs(wcfg)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from passes.regions import find_absorber, is_channel_vector
+from qpass.graph.regions import find_absorber, is_channel_vector
 from qpass.graph.view import (
     ConstRef,
     Edit,

@@ -1,0 +1,47 @@
+"""The one place the core looks upward: recipe pass names to pass classes, and graph kinds to their
+lowering. `recipe`, `api` and `cli` reach passes and lowerings only through here, so the core never
+imports `qpass.passes` or `qpass.lowering` and the layering test can hold everything else to one
+direction.
+
+Adding a pass: write `passes/<name>.py` (a `QPass` subclass and its config dataclass) and add one
+line to `PASSES` below.
+"""
+
+from __future__ import annotations
+
+from qpass.pass_base import QPass
+from qpass.passes.awq import AWQ, AWQConfig
+from qpass.passes.decompose import Int8Decompose, Int8DecomposeConfig
+from qpass.passes.disassemble import Disassemble, DisassembleConfig
+from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig
+from qpass.passes.reorder import Reorder, ReorderConfig
+from qpass.passes.rotate import Rotate, RotateConfig
+from qpass.passes.shift import OSPlusConfig, OutlierSuppressionPlus, OutlierTune, OutlierTuneConfig
+from qpass.passes.smooth import SmoothQuant, SmoothQuantConfig
+from qpass.passes.split import SplitQuant, SplitQuantConfig
+
+PASSES: dict[str, tuple[type, type[QPass]]] = {
+    "smooth_quant": (SmoothQuantConfig, SmoothQuant),
+    "rotate": (RotateConfig, Rotate),
+    "fuse_norms": (FuseNormsConfig, FuseNorms),
+    "os_plus": (OSPlusConfig, OutlierSuppressionPlus),
+    "outlier_tune": (OutlierTuneConfig, OutlierTune),
+    "awq": (AWQConfig, AWQ),
+    "reorder": (ReorderConfig, Reorder),
+    "split_quant": (SplitQuantConfig, SplitQuant),
+    "int8_decompose": (Int8DecomposeConfig, Int8Decompose),
+    "disassemble": (DisassembleConfig, Disassemble),
+}
+
+
+def register_pass(name: str, config_cls: type, pass_cls: type[QPass]) -> None:
+    """Make a pass defined outside qpass usable by name in recipes (e.g. `examples/write_a_pass.py`)."""
+    PASSES[name] = (config_cls, pass_cls)
+
+
+def pass_config(name: str) -> type:
+    return PASSES[name][0]
+
+
+def build_pass(name: str, config: object) -> QPass:
+    return PASSES[name][1](config)
