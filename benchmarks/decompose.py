@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from qpass.passes.decompose import Int8DecomposeConfig, select_channels
 
 import qpass
+from qpass.passes.decompose import Int8DecomposeConfig, select_channels
 from qpass.qconfig import ActGranularity, ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.qlinear import dynamic_spec, fake_quant_weight
 

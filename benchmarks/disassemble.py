@@ -30,13 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from models import TinyBert, TinyLlama, bert_inputs, llama_inputs, massive_channel_outliers  # noqa: E402
-from qpass.passes.disassemble import Disassemble, DisassembleConfig  # noqa: E402
 
 import qpass  # noqa: E402
 from qpass.graph.fx import FxGraphView, capture, clone_graph_module  # noqa: E402
 from qpass.graph.regions import find_sites  # noqa: E402
 from qpass.pass_base import PassContext  # noqa: E402
 from qpass.pass_manager import run_pass  # noqa: E402
+from qpass.passes.disassemble import Disassemble, DisassembleConfig  # noqa: E402
 from qpass.quant.qlinear import canonical_weight  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -38,10 +38,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from qpass.lowering.onnx_functions import lower_rotations, sylvester_split
 
 import qpass
 from qpass.graph.onnx import KIND_KEY
+from qpass.lowering.onnx_functions import lower_rotations, sylvester_split
 from qpass.math.rotation import hadamard, randomized_hadamard
 from qpass.qconfig import RotationOp
 

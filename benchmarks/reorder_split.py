@@ -31,12 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from models import TinyBert, TinyLlama, bert_inputs, llama_inputs, massive_channel_outliers  # noqa: E402
-from qpass.passes.reorder import Reorder, ReorderConfig, ReorderKey, ReorderMethod  # noqa: E402
 
 from qpass.formats import fake_quantize, get_format  # noqa: E402
 from qpass.graph.fx import FxGraphView, capture, clone_graph_module  # noqa: E402
 from qpass.pass_base import PassContext  # noqa: E402
 from qpass.pass_manager import run_pass  # noqa: E402
+from qpass.passes.reorder import Reorder, ReorderConfig, ReorderKey, ReorderMethod  # noqa: E402
 
 FORMATS = ("mxfp4", "nvfp4", "bfp12", "mxint8")
 RESULTS = Path(__file__).parent / "results"

@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from conftest import Case  # noqa: E402
 from models import TinyLlama, TinyOpt, inject_stream_outliers, opt_inputs, stream_outlier_inputs  # noqa: E402
-from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig  # noqa: E402
-from qpass.passes.rotate import Rotate, RotateConfig, RotationKind, RotationLayout  # noqa: E402
 
 from qpass.pass_base import PassContext  # noqa: E402
 from qpass.pass_manager import run_pass  # noqa: E402
+from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig  # noqa: E402
+from qpass.passes.rotate import Rotate, RotateConfig, RotationKind, RotationLayout  # noqa: E402
 from qpass.qconfig import ActGranularity, ActivationQuantConfig, WeightQuantConfig  # noqa: E402
 from qpass.quant.error import linear_output_errors, mean_error  # noqa: E402
 

@@ -25,11 +25,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
 import qpass
 from qpass import zoo
 from qpass.graph.fx import clone_graph_module
+from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
 OUT = Path(__file__).parent / "results"
 GPU_M = (1, 16, 256, 4096)
@@ -39,6 +39,7 @@ GPU_KN = (4096, 11008)
 # --------------------------------------------------------------------------- GPU
 def _gpu_rows() -> list[dict]:
     import triton.testing
+
     from qpass.kernels.hadamard import hadamard_triton, kernel_supports
     from qpass.kernels.w4a16 import pack_int4, w4a16_triton
     from qpass.kernels.w8a8 import int8_gemm_triton, quantize_per_token_triton

@@ -1,4 +1,6 @@
-"""Online Hadamard transform as a PT2 op: `qpass::hadamard_transform(x, signs) = fwht(x * signs)`.
+"""The Triton kernel of the online Hadamard op `qpass::hadamard_transform(x, signs) = fwht(x * signs)`
+(the op and its pure-torch default live in `qpass.math.hadamard_op`; importing this module
+registers the CUDA implementation).
 
 Equal to x @ (diag(signs) H) for the matrix `qpass.math.rotation.hadamard` builds, in
 O(n log n) instead of a dense n x n matmul. CPU runs the pure-torch reference
@@ -17,36 +19,27 @@ from __future__ import annotations
 import math
 
 import torch
-from qpass.kernels._triton import HAS_TRITON, check_launchable, next_pow2, tl, triton, use_triton
 
 from qpass.errors import ConfigError
-from qpass.math.rotation import _dense_base, _require_plan, fwht
+from qpass.kernels._triton import HAS_TRITON, check_launchable, next_pow2, tl, triton, use_triton
+from qpass.math.hadamard_op import hadamard_reference, hadamard_transform
+from qpass.math.rotation import dense_base, require_plan
 
 MAX_BASE = 32  # the Paley base is padded to a power of two in registers; 12, 20, 28 fit
 
 
-def hadamard_reference(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """The pure-torch twin of the kernel: fwht(x * signs) over the last axis, in x's dtype."""
-    return fwht(x * signs.to(x.dtype), dim=-1)
-
-
-@torch.library.custom_op("qpass::hadamard_transform", mutates_args=())
-def hadamard_transform(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """Return x @ (diag(signs) H_n) over the last axis (n = signs.numel())."""
+@hadamard_transform.register_kernel("cuda")
+def _hadamard_cuda(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """CUDA tensors run the Triton kernel where its register tile fits n, the reference elsewhere."""
     if use_triton(x, signs) and kernel_supports(x.shape[-1]):
         return hadamard_triton(x, signs)
     return hadamard_reference(x, signs)
 
 
-@hadamard_transform.register_fake
-def _(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
 def kernel_supports(n: int) -> bool:
     """Whether n = m * 2^k with a Paley base m small enough for the register tile."""
     try:
-        factors, _ = _require_plan(n)
+        factors, _ = require_plan(n)
     except ConfigError:
         return False
     return math.prod(factors) <= MAX_BASE
@@ -56,7 +49,7 @@ def _base_tile(m: int, mp: int, factors: tuple[int, ...], device: torch.device) 
     """B^T zero-padded to [mp, mp] float32 (identity-free: padded rows/cols are zero)."""
     out = torch.zeros(mp, mp, dtype=torch.float32, device=device)
     if m > 1:
-        out[:m, :m] = _dense_base(factors).T.to(torch.float32)
+        out[:m, :m] = dense_base(factors).T.to(torch.float32)
     else:
         out[0, 0] = 1.0
     return out
@@ -115,7 +108,7 @@ def hadamard_triton(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     if signs.numel() != n:
         msg = f"hadamard_transform: signs has {signs.numel()} entries, x's last axis {n}"
         raise ConfigError(msg)
-    factors, k = _require_plan(n)
+    factors, k = require_plan(n)
     m = math.prod(factors)
     if m > MAX_BASE:
         msg = f"hadamard_transform kernel: n={n} = {m} * 2^{k} needs a base <= {MAX_BASE}; use the reference"

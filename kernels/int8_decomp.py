@@ -12,10 +12,10 @@ channels into a second accumulator, and applies the epilogue once.
 from __future__ import annotations
 
 import torch
-from qpass.kernels._triton import HAS_TRITON, cdiv, check_launchable, interpreting, tl, triton, use_triton
-from qpass.kernels.w8a8 import int8_gemm_reference, quantize_per_token_reference
 
 from qpass.errors import ConfigError
+from qpass.kernels._triton import HAS_TRITON, cdiv, check_launchable, interpreting, tl, triton, use_triton
+from qpass.kernels.w8a8 import int8_gemm_reference, quantize_per_token_reference
 
 
 def split_columns(x: torch.Tensor, outliers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,13 +13,13 @@ import enum
 from dataclasses import dataclass
 
 import torch
-from qpass.kernels._triton import HAS_TRITON, cdiv, check_launchable, interpreting, tl, triton, use_triton
-from qpass.kernels.w4a16 import pack_int4, unpack_int4
 
 from qpass.errors import ConfigError
 from qpass.formats import ElementType, QuantizedTensor, QuantSpec, ScaleType, decode_e8m0, decode_float
 from qpass.formats.e8m0 import encode_e8m0
 from qpass.formats.elements import encode_float
+from qpass.kernels._triton import HAS_TRITON, cdiv, check_launchable, interpreting, tl, triton, use_triton
+from qpass.kernels.w4a16 import pack_int4, unpack_int4
 
 
 class MxElement(enum.IntEnum):

@@ -13,10 +13,10 @@ reading; the partial sums land in an fp32 [SPLIT_K, M, N] buffer summed afterwar
 from __future__ import annotations
 
 import torch
-from qpass.kernels._triton import HAS_TRITON, cdiv, check_launchable, interpreting, tl, triton, use_triton
 
 from qpass.errors import ConfigError
 from qpass.formats import pack_bits, unpack_bits
+from qpass.kernels._triton import HAS_TRITON, cdiv, check_launchable, interpreting, tl, triton, use_triton
 
 SYMMETRIC_OFFSET = 8
 

@@ -14,6 +14,8 @@ Rounding is half-to-even everywhere, as `torch.round` and `qpass.formats` do.
 from __future__ import annotations
 
 import torch
+
+from qpass.errors import ConfigError
 from qpass.kernels._triton import (
     HAS_TRITON,
     cdiv,
@@ -24,8 +26,6 @@ from qpass.kernels._triton import (
     triton,
     use_triton,
 )
-
-from qpass.errors import ConfigError
 
 QMAX = 127  # narrow-range symmetric INT8, as qpass.formats quantizes (codes in [-127, 127])
 

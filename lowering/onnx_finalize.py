@@ -15,9 +15,9 @@ import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
 from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass, RemoveUnusedOpsetsPass
-from qpass.lowering.onnx_functions import lower_rotations
 
 from qpass.errors import PassError
+from qpass.lowering.onnx_functions import lower_rotations
 from qpass.qconfig import OnnxLoweringConfig
 
 PROTO_LIMIT = 2**31 - 2**24  # bytes: leave headroom under protobuf's 2 GB for the graph itself

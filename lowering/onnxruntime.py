@@ -30,6 +30,10 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 import torch
+
+from qpass.errors import UnsupportedOpError
+from qpass.graph.onnx import OnnxGraphView
+from qpass.graph.view import OpRef
 from qpass.lowering.onnx_block_formats import block_fake_quant, lower_block_weight
 from qpass.lowering.weight_packing import (
     PackedNBits,
@@ -37,11 +41,8 @@ from qpass.lowering.weight_packing import (
     blocked_dq_arrays,
     matmulnbits_arrays,
 )
-
-from qpass.errors import UnsupportedOpError
-from qpass.graph.view import OpRef
 from qpass.qconfig import ActGranularity, OnnxLoweringConfig, WeightOp, format_bits, is_block_format
-from qpass.quant.qlinear import QLinear
+from qpass.quant.qlinear import QLinear, QuantPlan
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 BLOCKED_DQ_OPSET = 21  # DequantizeLinear with block_size, int4 types
@@ -52,9 +53,18 @@ def _opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
 
 
-def lower_linear_onnx(view, op: OpRef, q: QLinear, config: OnnxLoweringConfig | None = None) -> None:
+def lower_onnx(view: OnnxGraphView, plan: QuantPlan, config: OnnxLoweringConfig | None = None) -> None:
+    """Lower every quantized linear of the plan (`config`: the recipe's `lowering` section)."""
+    for edit in plan.edits:
+        lower_linear_onnx(view, edit.op, edit.qlinear, config)
+    view.invalidate()
+
+
+def lower_linear_onnx(
+    view: OnnxGraphView, op: OpRef, q: QLinear, config: OnnxLoweringConfig | None = None
+) -> None:
     """Replace one MatMul/Gemm by the lowered form of `q` (see the module docstring)."""
-    config = config or getattr(view, "lowering", None) or OnnxLoweringConfig()
+    config = config or OnnxLoweringConfig()
     model: ir.Model = view.model
     if _opset(model) < MIN_OPSET:
         msg = f"node '{op.name}': ONNX lowering needs opset >= {MIN_OPSET}, model has {_opset(model)}"

@@ -21,9 +21,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from qpass.formats import ScaleType
+from qpass.graph.fx import FxGraphView
 from qpass.graph.view import OpRef
 from qpass.qconfig import ActGranularity
-from qpass.quant.qlinear import QLinear, canonical_weight, dequantize_weight, fake_quant_act
+from qpass.quant.qlinear import QLinear, QuantPlan, canonical_weight, dequantize_weight, fake_quant_act
 
 
 class LinearKernel(enum.Enum):
@@ -285,7 +286,17 @@ def _module_name(op: OpRef) -> str:
     return "qlinear_" + re.sub(r"\W", "_", op.name)
 
 
-def lower_linear_fx(view, op: OpRef, q: QLinear) -> None:
+def lower_fx(view: FxGraphView, plan: QuantPlan) -> None:
+    """Lower every quantized linear of the plan to a QuantLinear submodule, then fuse the online
+    rotations that feed per-token quantization into it.
+    """
+    for edit in plan.edits:
+        lower_linear_fx(view, edit.op, edit.qlinear)
+    view.invalidate()
+    fuse_rotations_into_quantize(view.gm)
+
+
+def lower_linear_fx(view: FxGraphView, op: OpRef, q: QLinear) -> None:
     """Replace one aten.linear / matmul node by a call to a QuantLinear submodule."""
     gm: fx.GraphModule = view.gm
     node = view.node(op)

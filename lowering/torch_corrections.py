@@ -10,8 +10,8 @@ a sparse term ``y[..., rows[k]] += x[..., cols[k]] * values[k]`` (an ``index_add
 from __future__ import annotations
 
 import torch
-from qpass.lowering.torch_backend import QuantLinear
 
+from qpass.lowering.torch_backend import QuantLinear
 from qpass.quant.qlinear import QLinear, fake_quant_act
 
 

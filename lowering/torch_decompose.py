@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
+from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 from qpass.quant.qlinear import QLinear, dequantize_weight, fake_quant_act
 
 

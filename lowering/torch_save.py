@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
 from qpass.errors import ConfigError, ModelLoadError
 from qpass.graph.fx import _all_dims_auto, split_batch
+from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 from qpass.recipe import Recipe
 
 _RECIPE_FILE = "qpass_recipe.json"

@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from qpass.passes.smooth import tile_to
 
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
 from qpass.graph.regions import Absorber, Site, absorbable_sites
 from qpass.graph.view import EditPlan, GraphView, ScaleChannels, SiteNote
 from qpass.pass_base import PassContext, QPass
+from qpass.passes.smooth import tile_to
 from qpass.qconfig import INT_FORMATS, WeightQuantConfig
 from qpass.quant.qlinear import canonical_weight, fake_quant_weight
 

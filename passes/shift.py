@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from qpass.passes.smooth import tile_to
 
 from qpass.calibration import ChannelStats, StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
@@ -39,6 +38,7 @@ from qpass.graph.view import (
     SiteNote,
 )
 from qpass.pass_base import PassContext, QPass
+from qpass.passes.smooth import tile_to
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.qlinear import canonical_weight, quantized_output_error
 

@@ -23,6 +23,7 @@ from qpass.pass_base import PassContext
 from qpass.pass_manager import PassReport, PassResult, run_passes
 from qpass.quant.qlinear import plan_quantization, quant_stat_requests
 from qpass.recipe import Recipe, get_recipe
+from qpass.registry import build_pass, finalize_onnx, lower, pass_config
 
 ModelLike = torch.nn.Module | torch.export.ExportedProgram | onnx.ModelProto | ir.Model | str | os.PathLike
 
@@ -77,23 +78,15 @@ def quantize_with_report(
     else:
         batches = torch_batches(calibration)
         view = open_view(model, example_inputs if example_inputs is not None else batches[0])
-    if isinstance(view, OnnxGraphView):
-        view.lowering = recipe.lowering  # read by lowering/onnxruntime.py and insert_rotation
     ctx = PassContext(recipe.weights, recipe.activations, progress)
     report = run_passes(view, _weight_passes(recipe), batches, ctx, verify=verify, tolerance=tolerance)
     if recipe.quantizes:
         requests = quant_stat_requests(view, recipe.activations, recipe.weights)
         stats = calibrate(view, batches, requests, progress=progress, desc="quantize") if requests else None
         plan = plan_quantization(view, stats, recipe.weights, recipe.activations, batches)
-        view.apply(plan)
+        lower(view, plan, recipe.lowering)
         report.results.append(PassResult("quantize", plan))
-        if isinstance(view, FxGraphView):
-            from qpass.lowering.torch_backend import fuse_rotations_into_quantize
-
-            fuse_rotations_into_quantize(view.gm)
     if isinstance(view, OnnxGraphView):
-        from qpass.lowering.onnx_finalize import finalize_onnx
-
         finalize_onnx(view.model, recipe.lowering)
         out: Any = view.to_proto() if as_proto else view.model
     else:
@@ -111,9 +104,7 @@ def _weight_passes(recipe: Recipe) -> list:
         and recipe.weights.algo == "awq"
         and not any(p.name == "awq" for p in steps)
     ):
-        from qpass.passes.awq import AWQ, AWQConfig
-
-        steps.append(AWQ(AWQConfig()))
+        steps.append(build_pass("awq", pass_config("awq")()))
     return steps
 
 

@@ -9,6 +9,12 @@ line to `PASSES` below.
 
 from __future__ import annotations
 
+from qpass.graph.fx import FxGraphView
+from qpass.graph.onnx import OnnxGraphView
+from qpass.graph.view import GraphView
+from qpass.lowering.onnx_finalize import finalize_onnx
+from qpass.lowering.onnxruntime import lower_onnx
+from qpass.lowering.torch_backend import lower_fx
 from qpass.pass_base import QPass
 from qpass.passes.awq import AWQ, AWQConfig
 from qpass.passes.decompose import Int8Decompose, Int8DecomposeConfig
@@ -19,6 +25,10 @@ from qpass.passes.rotate import Rotate, RotateConfig
 from qpass.passes.shift import OSPlusConfig, OutlierSuppressionPlus, OutlierTune, OutlierTuneConfig
 from qpass.passes.smooth import SmoothQuant, SmoothQuantConfig
 from qpass.passes.split import SplitQuant, SplitQuantConfig
+from qpass.qconfig import OnnxLoweringConfig
+from qpass.quant.qlinear import QuantPlan
+
+__all__ = ["PASSES", "build_pass", "finalize_onnx", "lower", "pass_config", "register_pass"]
 
 PASSES: dict[str, tuple[type, type[QPass]]] = {
     "smooth_quant": (SmoothQuantConfig, SmoothQuant),
@@ -45,3 +55,16 @@ def pass_config(name: str) -> type:
 
 def build_pass(name: str, config: object) -> QPass:
     return PASSES[name][1](config)
+
+
+def lower(view: GraphView, plan: QuantPlan, onnx_config: OnnxLoweringConfig | None = None) -> None:
+    """Lower the quantize stage's plan on the view's graph kind: QuantLinear modules calling the qpass
+    kernels (FX), or ONNX Runtime ops (`onnx_config`: the recipe's `lowering` section).
+    """
+    if isinstance(view, FxGraphView):
+        lower_fx(view, plan)
+    elif isinstance(view, OnnxGraphView):
+        lower_onnx(view, plan, onnx_config)
+    else:
+        msg = f"no lowering for {type(view).__name__} graphs"
+        raise TypeError(msg)

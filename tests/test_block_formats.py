@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from qpass.lowering.torch_backend import QuantLinear
 
 import qpass
 from qpass.errors import ConfigError
 from qpass.formats import fake_quantize, get_format
+from qpass.lowering.torch_backend import QuantLinear
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.qlinear import fake_quant_act
 from qpass.recipe import Recipe

@@ -12,11 +12,11 @@ import pytest
 import tomllib
 import torch
 from models import TinyLlama, inject_outliers, llama_inputs
-from qpass.lowering.compile_backend import BackendOptions, qpass_backend, register
-from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
 import qpass
 from qpass.errors import ConfigError
+from qpass.lowering.compile_backend import BackendOptions, qpass_backend, register
+from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,6 @@ import pytest
 import torch
 from conftest import Case
 from models import TinyOpt, inject_stream_outliers, opt_inputs
-from qpass.passes.decompose import Int8Decompose, Int8DecomposeConfig, select_channels
-from qpass.passes.smooth import SmoothQuant, SmoothQuantConfig
 
 import qpass
 from qpass import zoo
@@ -24,6 +22,8 @@ from qpass.errors import ConfigError, PassError
 from qpass.graph.view import KeepFloatChannels
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
+from qpass.passes.decompose import Int8Decompose, Int8DecomposeConfig, select_channels
+from qpass.passes.smooth import SmoothQuant, SmoothQuantConfig
 from qpass.qconfig import ActGranularity, ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.qlinear import plan_quantization
 from qpass.recipe import Recipe

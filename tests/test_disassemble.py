@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import Case
 from models import TinyBert, TinyLlama, bert_inputs, llama_inputs, massive_channel_outliers
-from qpass.passes.disassemble import Disassemble, DisassembleConfig, choose_splits, expansion
 
 import qpass
 from qpass.errors import ConfigError
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
+from qpass.passes.disassemble import Disassemble, DisassembleConfig, choose_splits, expansion
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +175,10 @@ def test_site_whose_shape_feeds_a_reshape_is_skipped_on_onnx():
     """Found by the property test: in ONNX an attention block sizes its head reshape from the
     input's Shape; widening that input would break the reshape, so the site is skipped.
     """
-    from qpass.passes.disassemble import DisassembleConfig
     from random_graphs import BlockSpec, GraphSpec
     from test_equivalence_property import check_equivalence
+
+    from qpass.passes.disassemble import DisassembleConfig
 
     spec = GraphSpec(
         dim=24,

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qpass.kernels.hadamard import hadamard_transform
-from qpass.passes.rotate import Rotate, RotateConfig
 
+from qpass.kernels.hadamard import hadamard_transform
 from qpass.math.rotation import random_signs, randomized_hadamard
 from qpass.pass_base import PassContext
 from qpass.pass_manager import run_pass
+from qpass.passes.rotate import Rotate, RotateConfig
 
 
 @pytest.mark.parametrize("n", [64, 384, 576, 1536])

@@ -12,6 +12,9 @@ import torch
 
 pytest.importorskip("triton")
 
+from qpass.errors import ConfigError  # noqa: E402
+from qpass.formats import Granularity, QuantSpec  # noqa: E402
+from qpass.formats.elements import ElementType  # noqa: E402
 from qpass.kernels._triton import interpreting  # noqa: E402
 from qpass.kernels.hadamard import hadamard_reference, hadamard_triton, kernel_supports  # noqa: E402
 from qpass.kernels.w4a16 import dequantize_int4, pack_int4, unpack_int4, w4a16_reference, w4a16_triton  # noqa: E402
@@ -23,10 +26,6 @@ from qpass.kernels.w8a8 import (  # noqa: E402
     quantize_per_token_reference,
     quantize_per_token_triton,
 )
-
-from qpass.errors import ConfigError  # noqa: E402
-from qpass.formats import Granularity, QuantSpec  # noqa: E402
-from qpass.formats.elements import ElementType  # noqa: E402
 from qpass.math.rotation import random_signs, randomized_hadamard  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,9 +177,8 @@ def test_w4a16_gemm(m, n, k, group, symmetric, act_order, split_k, dtype):
 @pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8", "nvfp4"])
 @pytest.mark.parametrize(("m", "n", "k"), [(5, 33, 96), (17, 20, 160)])
 def test_block_scaled_gemm_matches_formats_reference(fmt, m, n, k):
-    from qpass.kernels.mx_gemm import dequantize_mx, mx_gemm_reference, mx_gemm_triton, pack_mx_weight
-
     from qpass.formats import dequantize, get_format, quantize
+    from qpass.kernels.mx_gemm import dequantize_mx, mx_gemm_reference, mx_gemm_triton, pack_mx_weight
 
     g = torch.Generator().manual_seed(m * n)
     w_fp = torch.randn(n, k, generator=g) * torch.logspace(-3, 1, n)[:, None]  # wide scale range
@@ -196,9 +194,8 @@ def test_block_scaled_gemm_matches_formats_reference(fmt, m, n, k):
 
 
 def test_block_scaled_gemm_rejects_other_formats():
-    from qpass.kernels.mx_gemm import pack_mx_weight
-
     from qpass.formats import get_format, quantize
+    from qpass.kernels.mx_gemm import pack_mx_weight
 
     with pytest.raises(ConfigError, match="mx_gemm: expects"):
         pack_mx_weight(quantize(torch.randn(4, 64), get_format("mxint8")))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig
 
 from qpass.graph.view import OpKind
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
+from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig
 
 
 def test_fusion_preserves_function_and_sets_gamma_to_one(case, backend, onnx_dir):

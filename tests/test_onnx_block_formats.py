@@ -17,12 +17,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from qpass.lowering.onnx_block_formats import DOMAIN, _e4m3_bytes, fake_quant_function, format_tag
 
 import qpass
 from qpass.api import quantize_with_report
 from qpass.errors import UnsupportedOpError
 from qpass.formats import get_format
+from qpass.lowering.onnx_block_formats import DOMAIN, _e4m3_bytes, fake_quant_function, format_tag
 from qpass.qconfig import BLOCK_FORMATS, ActivationQuantConfig
 from qpass.quant.qlinear import dynamic_spec, fake_quant_act
 from qpass.recipe import Recipe
@@ -263,12 +263,11 @@ def test_scales_without_a_byte_form_stay_float32(fmt):
     """
     import dataclasses
 
-    from qpass.lowering.onnx_finalize import finalize_onnx
-
     from qpass.graph.onnx import OnnxGraphView, load_model
-    from qpass.graph.view import EditPlan
+    from qpass.lowering.onnx_finalize import finalize_onnx
     from qpass.qconfig import WeightQuantConfig
-    from qpass.quant.qlinear import plan_quantization
+    from qpass.quant.qlinear import QuantPlan, plan_quantization
+    from qpass.registry import lower
 
     k = 64
     model, _, b = linear_model(k)
@@ -276,8 +275,8 @@ def test_scales_without_a_byte_form_stay_float32(fmt):
     plan = plan_quantization(view, None, WeightQuantConfig(format=fmt), None)
     (edit,) = plan.edits
     edit.qlinear.scales = edit.qlinear.scales * torch.linspace(1.01, 1.3, edit.qlinear.scales.shape[1])
-    fixed = EditPlan("quantize", [dataclasses.replace(edit)])
-    view.apply(fixed)
+    fixed = QuantPlan("quantize", [dataclasses.replace(edit)])
+    lower(view, fixed)
     finalize_onnx(view.model)
     out_model = view.to_proto()
     ops = [n.op_type for n in out_model.graph.node]

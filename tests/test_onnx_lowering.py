@@ -16,13 +16,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from qpass.lowering.onnx_finalize import check_lowered
-from qpass.lowering.onnx_functions import hadamard_function, kron_chunks, lower_rotations, sylvester_split
-from qpass.lowering.weight_packing import _pack_nibbles
 
 from qpass.api import quantize_with_report
 from qpass.errors import ConfigError, PassError, UnsupportedOpError
 from qpass.graph.onnx import KIND_KEY
+from qpass.lowering.onnx_finalize import check_lowered
+from qpass.lowering.onnx_functions import hadamard_function, kron_chunks, lower_rotations, sylvester_split
+from qpass.lowering.weight_packing import _pack_nibbles
 from qpass.math.rotation import hadamard, random_signs, randomized_hadamard
 from qpass.qconfig import RotationOp
 from qpass.quant.qlinear import fake_quant_act

@@ -12,11 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
-from qpass.lowering.torch_backend import QuantLinear
 
 import qpass
 from qpass.errors import UnsupportedOpError
 from qpass.graph.view import iter_linear_ops
+from qpass.lowering.torch_backend import QuantLinear
 from qpass.qconfig import ActivationQuantConfig
 from qpass.quant.qlinear import act_qparams
 

@@ -15,12 +15,12 @@ from models import (
     opt_inputs,
     stream_outlier_inputs,
 )
-from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig
-from qpass.passes.rotate import Rotate, RotateConfig, RotationLayout
 
 from qpass.graph.view import OpKind
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
+from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig
+from qpass.passes.rotate import Rotate, RotateConfig, RotationLayout
 from qpass.qconfig import ActGranularity, ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.error import linear_output_errors, mean_error
 

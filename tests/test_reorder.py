@@ -7,6 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from models import TinyLlama, spread_channel_outliers
+
+import qpass
+from qpass.calibration import StatKind
+from qpass.errors import ConfigError, PassError
+from qpass.formats import fake_quantize, get_format, mse
+from qpass.pass_base import PassContext
+from qpass.pass_manager import max_relative_error, run_pass
 from qpass.passes.reorder import (
     Reorder,
     ReorderConfig,
@@ -17,13 +24,6 @@ from qpass.passes.reorder import (
     sort_permutation,
     tile_permutation,
 )
-
-import qpass
-from qpass.calibration import StatKind
-from qpass.errors import ConfigError, PassError
-from qpass.formats import fake_quantize, get_format, mse
-from qpass.pass_base import PassContext
-from qpass.pass_manager import max_relative_error, run_pass
 
 
 def _run(view, batches, **cfg):

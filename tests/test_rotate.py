@@ -8,13 +8,13 @@ import collections
 
 import pytest
 import torch
-from qpass.passes.rotate import Rotate, RotateConfig, RotationKind, block_diagonal
 
 import qpass
 from qpass.calibration import StatKind, StatRequest, calibrate
 from qpass.graph.view import OpKind, iter_linear_ops
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
+from qpass.passes.rotate import Rotate, RotateConfig, RotationKind, block_diagonal
 
 
 @pytest.mark.parametrize("kind", ["hadamard", "random", "klt", "duquant"])

@@ -6,6 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import qpass
+from qpass.calibration import calibrate
+from qpass.errors import ConfigError
+from qpass.graph.view import AddBias, ShiftChannels
+from qpass.pass_base import PassContext
+from qpass.pass_manager import max_relative_error
 from qpass.passes.shift import (
     OSPlusConfig,
     OutlierSuppressionPlus,
@@ -14,13 +21,6 @@ from qpass.passes.shift import (
     equalizing_scales,
     threshold_scales,
 )
-
-import qpass
-from qpass.calibration import calibrate
-from qpass.errors import ConfigError
-from qpass.graph.view import AddBias, ShiftChannels
-from qpass.pass_base import PassContext
-from qpass.pass_manager import max_relative_error
 
 PASSES_ONLY = {"weights": None, "activations": None}
 

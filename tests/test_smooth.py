@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from qpass.passes.smooth import SmoothQuant, SmoothQuantConfig, smoothing_scales
 
 import qpass
 from qpass.calibration import calibrate
@@ -15,6 +14,7 @@ from qpass.errors import ConfigError, PassError
 from qpass.graph.view import EditPlan, ScaleChannels
 from qpass.pass_base import PassContext, QPass
 from qpass.pass_manager import max_relative_error, run_pass
+from qpass.passes.smooth import SmoothQuant, SmoothQuantConfig, smoothing_scales
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 
 PASSES_ONLY = {"weights": None, "activations": None}

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qpass.passes.split import SplitQuant, SplitQuantConfig, kmeans_1d, split_weight
 
 import qpass
 from qpass.errors import ConfigError
 from qpass.graph.view import iter_linear_ops
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
+from qpass.passes.split import SplitQuant, SplitQuantConfig, kmeans_1d, split_weight
 from qpass.qconfig import WeightQuantConfig
 from qpass.quant.qlinear import fake_quant_weight
 

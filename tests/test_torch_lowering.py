@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from models import llama_inputs
-from qpass.lowering.torch_backend import LinearKernel, QuantLinear
-from qpass.lowering.torch_save import load_quantized, save_quantized
 
 import qpass
 from qpass.errors import ModelLoadError
+from qpass.lowering.torch_backend import LinearKernel, QuantLinear
+from qpass.lowering.torch_save import load_quantized, save_quantized
 
 W4_GPTQ_G32 = {
     "name": "w4-g32-gptq",
@@ -123,8 +123,9 @@ def test_online_hadamard_fuses_into_per_token_quantizer(monkeypatch):
     """QuaRot's online Hadamard before down_proj (hidden 128, a power of two) folds into the W8A8
     module's quantizer; the CPU result is bit-identical to the unfused graph, and saves/loads.
     """
-    import qpass.lowering.torch_backend as tb
     from models import TinyLlama
+
+    import qpass.lowering.torch_backend as tb
 
     torch.manual_seed(0)
     model = TinyLlama(dim=64, hidden=128).eval()
@@ -144,8 +145,9 @@ def test_online_hadamard_fuses_into_per_token_quantizer(monkeypatch):
 
 
 def test_fused_rotation_quantizer_saves_and_loads(tmp_path):
-    import qpass.lowering.torch_backend as tb
     from models import TinyLlama
+
+    import qpass.lowering.torch_backend as tb
 
     torch.manual_seed(0)
     model = TinyLlama(dim=64, hidden=128).eval()

@@ -13,17 +13,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from models import TinyLlama, inject_outliers, llama_inputs
-from qpass.lowering.torch_corrections import CorrectedQuantLinear
 
 from qpass.api import quantize_with_report
 from qpass.calibration import StatKind, StatRequest, calibrate
 from qpass.config import from_mapping
 from qpass.errors import ConfigError
 from qpass.graph.fx import FxGraphView, capture, clone_graph_module
-from qpass.graph.view import OpKind, ReplaceWithQOp, iter_linear_ops
+from qpass.graph.view import OpKind, iter_linear_ops
+from qpass.lowering.torch_corrections import CorrectedQuantLinear
 from qpass.qconfig import WeightQuantConfig
 from qpass.quant.allocation import storage_bits
-from qpass.quant.qlinear import canonical_weight, plan_quantization, weight_spec
+from qpass.quant.qlinear import ReplaceWithQOp, canonical_weight, plan_quantization, weight_spec
 from qpass.quant.weight_quant import quantize_weight
 from qpass.quant.weights import gptq, layer_error, rtn
 from qpass.recipe import get_recipe

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+import qpass.math.hadamard_op  # noqa: F401 - defines torch.ops.qpass.hadamard_transform (online rotations)
 from qpass.errors import ModelLoadError
 from qpass.graph.optable import aten_kind
 from qpass.graph.view import (
@@ -26,7 +27,6 @@ from qpass.graph.view import (
     NormParams,
     OpKind,
     OpRef,
-    ReplaceWithQOp,
     SplitOp,
     ValueRef,
     WeightRef,
@@ -344,8 +344,6 @@ class FxGraphView(GraphView):
             attr = graph.get_attr(name)
         with graph.inserting_after(attr):
             if fast:
-                import qpass.kernels.hadamard  # noqa: F401 - registers torch.ops.qpass.hadamard_transform
-
                 rot = graph.call_function(torch.ops.qpass.hadamard_transform.default, (src, attr))
             else:
                 rot = graph.call_function(torch.ops.aten.matmul.default, (src, attr))
@@ -428,10 +426,6 @@ class FxGraphView(GraphView):
                 graph.erase_node(attr)
         self.dirty = True
 
-    def replace_with_qop(self, edit: ReplaceWithQOp) -> None:
-        from qpass.lowering.torch_backend import lower_linear_fx
-
-        lower_linear_fx(self, edit.op, edit.qlinear)
 
 
 def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

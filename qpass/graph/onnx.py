@@ -29,7 +29,6 @@ from qpass.graph.view import (
     NormParams,
     OpKind,
     OpRef,
-    ReplaceWithQOp,
     SplitOp,
     ValueRef,
     WeightRef,
@@ -145,7 +144,6 @@ class OnnxGraphView(GraphView):
         self._name_everything()
         self._session_cache: dict[tuple[str, ...], Any] = {}
         self.lowered_inputs: dict[str, ir.Value] = {}  # activation -> its shared Q/DQ output
-        self.lowering: Any = None  # the recipe's OnnxLoweringConfig (None: defaults)
         self.invalidate()
 
     def _name_everything(self) -> None:
@@ -528,8 +526,3 @@ class OnnxGraphView(GraphView):
         for v in old_consts:
             if not v.uses() and v.name in self.graph.initializers:
                 self.graph.initializers.pop(v.name)
-
-    def replace_with_qop(self, edit: ReplaceWithQOp) -> None:
-        from qpass.lowering.onnxruntime import lower_linear_onnx
-
-        lower_linear_onnx(self, edit.op, edit.qlinear)

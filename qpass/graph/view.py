@@ -217,15 +217,6 @@ class KeepFloatChannels:
     site: str = ""
 
 
-@dataclass(frozen=True)
-class ReplaceWithQOp:
-    """Replace a linear op by its quantized form; `qlinear` is a `qpass.quant.qlinear.QLinear`."""
-
-    op: OpRef
-    qlinear: Any
-    site: str = ""
-
-
 Edit = (
     ScaleChannels
     | ShiftChannels
@@ -236,7 +227,6 @@ Edit = (
     | SplitOp
     | KeepFloatChannels
     | ExpandChannels
-    | ReplaceWithQOp
 )
 CONSTANT_EDITS = (
     ScaleChannels,
@@ -394,14 +384,10 @@ class GraphView(abc.ABC):
     def create_bias(self, op: OpRef) -> ConstRef:
         """Give a bias-free linear a zero bias constant (same dtype as its weight); return it."""
 
-    @abc.abstractmethod
-    def replace_with_qop(self, edit: ReplaceWithQOp) -> None:
-        """Lower one linear to its quantized form (the adapter delegates to lowering/)."""
-
     def apply(self, plan: EditPlan) -> bool:
         """Apply every edit of the plan; return whether the graph changed."""
         state = self.__dict__
-        if any(not isinstance(e, (KeepFloatChannels, ReplaceWithQOp)) for e in plan.edits):
+        if any(not isinstance(e, KeepFloatChannels) for e in plan.edits):
             state["_graph_edits"] = state.get("_graph_edits", 0) + 1  # stamps KeepFloatChannels
         for edit in plan.edits:
             if isinstance(edit, KeepFloatChannels):
@@ -420,8 +406,6 @@ class GraphView(abc.ABC):
                 self._add_bias(edit)
             elif isinstance(edit, InsertRotation):
                 self.insert_rotation(edit)
-            elif isinstance(edit, ReplaceWithQOp):
-                self.replace_with_qop(edit)
             elif isinstance(edit, PermuteChannels):
                 self._permute(edit)
             elif isinstance(edit, SplitOp):

@@ -164,7 +164,7 @@ def _nearest_sizes(n: int) -> str:
     return ", ".join(str(c) for c in (below, above) if c is not None)
 
 
-def _require_plan(n: object) -> tuple[tuple[int, ...], int]:
+def require_plan(n: object) -> tuple[tuple[int, ...], int]:
     n = _check_order(n)
     plan = _plan(n)
     if plan is not None:
@@ -192,7 +192,7 @@ def hadamard_block_size(n: int) -> int:
 
 def hadamard_construction(n: int) -> str:
     """How `hadamard(n)` is built, for reports: e.g. ``'Paley II (q=17) 36 ⊗ Sylvester 16'``."""
-    factors, k = _require_plan(n)
+    factors, k = require_plan(n)
     parts = []
     for m in factors:
         kind, q = _paley(m)
@@ -280,7 +280,7 @@ def _paley_matrix(m: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _dense_base(factors: tuple[int, ...]) -> torch.Tensor:
+def dense_base(factors: tuple[int, ...]) -> torch.Tensor:
     """Unnormalized ±1 base B = kron of the Paley factors in the given order (float64, cached)."""
     out = torch.ones(1, 1, dtype=torch.float64)
     for m in factors:
@@ -319,8 +319,8 @@ def hadamard(
     block) when no construction is known.
     """
     _check_float_dtype(dtype)
-    factors, k = _require_plan(n)
-    base = _dense_base(factors).to(dtype=dtype, device=device)
+    factors, k = require_plan(n)
+    base = dense_base(factors).to(dtype=dtype, device=device)
     h = torch.kron(base, _sylvester(k, dtype, device)) if k else base.clone()
     return h.mul_(1.0 / math.sqrt(n))
 
@@ -373,7 +373,7 @@ def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         msg = f"fwht needs a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}"
         raise ConfigError(msg)
     n = x.shape[dim]
-    factors, k = _require_plan(n)
+    factors, k = require_plan(n)
     p, m = 1 << k, n >> k
     y = x.movedim(dim, -1)
     lead = y.shape[:-1]
@@ -386,7 +386,7 @@ def fwht(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         h *= 2
     y = y.reshape(-1, m, p)
     if m > 1:
-        y = torch.matmul(_dense_base(factors).to(dtype=y.dtype, device=y.device).T, y)
+        y = torch.matmul(dense_base(factors).to(dtype=y.dtype, device=y.device).T, y)
     y = y * (1.0 / math.sqrt(n))
     return y.reshape(*lead, n).movedim(-1, dim)
 

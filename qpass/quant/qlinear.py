@@ -10,7 +10,7 @@ The result is a list of `QLinear` that lowering turns into backend ops.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +23,6 @@ from qpass.graph.view import (
     GraphView,
     OpKind,
     OpRef,
-    ReplaceWithQOp,
     SiteNote,
     WeightRef,
     iter_linear_ops,
@@ -194,6 +193,26 @@ class QLinear:
         )
 
 
+@dataclass(frozen=True)
+class ReplaceWithQOp:
+    """Replace a linear op by its quantized form (what lowering does with one QLinear)."""
+
+    op: OpRef
+    qlinear: QLinear
+    site: str = ""
+
+
+@dataclass
+class QuantPlan(EditPlan):
+    """The quantize stage's result: one ReplaceWithQOp per quantized linear, plus per-layer notes.
+
+    Not a graph edit plan: the graph views never apply it; a lowering does
+    (`qpass.registry.lower`), so the graph layer never reaches up into lowering.
+    """
+
+    edits: list[ReplaceWithQOp] = field(default_factory=list)  # type: ignore[assignment]
+
+
 def is_block_spec(spec: QuantSpec) -> bool:
     """Float elements or shared-exponent (E8M0/E4M3) scales: not a plain INTn weight."""
     return spec.element.is_float or spec.scale_type is not ScaleType.FLOAT32
@@ -247,13 +266,13 @@ def plan_quantization(
     wcfg: WeightQuantConfig | None,
     acfg: ActivationQuantConfig | None,
     batches: Sequence[Any] | None = None,
-) -> EditPlan:
+) -> QuantPlan:
     """One ReplaceWithQOp per quantizable linear; skipped layers say why.
 
     With `wcfg.mixed`, each layer's format is chosen first (`qpass.quant.allocation.choose_formats`,
     which measures sensitivity on `batches`) and the choice is reported per layer.
     """
-    plan = EditPlan("quantize")
+    plan = QuantPlan("quantize")
     chosen: dict[str, Any] = {}
     if wcfg is not None and wcfg.mixed is not None:
         from qpass.quant.allocation import choose_formats
