@@ -5,13 +5,17 @@ quantization (optionally after a power-of-two online Hadamard), each beside its 
     y = int8_gemm(q, s_a, w_codes, s_w, bias, dtype) # (q @ w^T) in int32, * s_a[:, None] * s_w[None, :] + bias
 
 `w_codes` is int8 [N, K] (symmetric per-output-channel weights, zero point 0) as
-`qpass.quant.qlinear.QLinear` holds them. The references are the CPU path: `torch._int_mm` is a
-real int8 x int8 -> int32 GEMM on CPU and CUDA; it wants its weight operand as a contiguous
-[K, N] matrix (a transposed view is ~2.5x slower on CPU), so callers pass `w_kn`.
+`qpass.quant.qlinear.QLinear` holds them. The references are the CPU path: `int8_matmul` is an exact
+int8 x int8 -> int32 GEMM (`torch._int_mm`, or chunked float32 GEMMs where those are faster);
+it wants its weight operand as a contiguous [K, N] matrix (a transposed view is ~2.5x slower on
+CPU), so callers pass `w_kn`.
 Rounding is half-to-even everywhere, as `torch.round` and `qpass.formats` do.
 """
 
 from __future__ import annotations
+
+import os
+import time
 
 import torch
 
@@ -41,6 +45,57 @@ def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return q, scale
 
 
+EXACT_FLOAT_K = 1024  # 1024 * 128 * 128 = 2^24: float32 sums of int8 products stay exact integers
+
+
+def _float_int8_matmul(q: torch.Tensor, w_kn: torch.Tensor) -> torch.Tensor:
+    """int8 x int8 -> int32 through float32 GEMMs over K-chunks of <= 1024: every product and every
+    partial sum is an integer below 2^24, so each chunk is exact whatever the GEMM's summation
+    order, and the chunks add exactly in int32 (bit-identical to `torch._int_mm`).
+    """
+    k = q.shape[1]
+    out = None
+    for lo in range(0, k, EXACT_FLOAT_K):
+        part = (q[:, lo : lo + EXACT_FLOAT_K].to(torch.float32) @ w_kn[lo : lo + EXACT_FLOAT_K].to(torch.float32))
+        part = part.to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out if out is not None else q.new_zeros((q.shape[0], w_kn.shape[1]), dtype=torch.int32)
+
+
+_CPU_INT8_PATH: dict[str, str] = {}
+
+
+def _cpu_int8_path() -> str:
+    """Which exact CPU path is faster here: `torch._int_mm` (fast with VNNI/AMX int8 dot products;
+    on AVX2-only CPUs measured ~30x slower than float32) or chunked float32 GEMMs. Measured once
+    per process on a small problem; `QPASS_CPU_INT8=int_mm|float` overrides. Both are exact, so
+    the choice changes speed only, never results.
+    """
+    if "path" not in _CPU_INT8_PATH:
+        choice = os.environ.get("QPASS_CPU_INT8", "")
+        if choice not in ("int_mm", "float"):
+            q = torch.randint(-127, 128, (64, 512), dtype=torch.int8)
+            w = torch.randint(-127, 128, (512, 512), dtype=torch.int8)
+            times = {}
+            for name, fn in (("int_mm", torch._int_mm), ("float", _float_int8_matmul)):
+                fn(q, w)  # warm-up
+                start = time.perf_counter()
+                fn(q, w)
+                times[name] = time.perf_counter() - start
+            choice = min(times, key=times.__getitem__)
+        _CPU_INT8_PATH["path"] = choice
+    return _CPU_INT8_PATH["path"]
+
+
+def int8_matmul(q: torch.Tensor, w_kn: torch.Tensor) -> torch.Tensor:
+    """Exact int8 [M, K] x int8 [K, N] -> int32 [M, N]: `torch._int_mm` off the CPU; on the CPU the
+    faster of `torch._int_mm` and chunked float32 GEMMs (`_cpu_int8_path`).
+    """
+    if q.device.type == "cpu" and _cpu_int8_path() == "float":
+        return _float_int8_matmul(q, w_kn)
+    return torch._int_mm(q, w_kn)
+
+
 def int8_gemm_reference(
     q: torch.Tensor,
     a_scale: torch.Tensor,
@@ -49,8 +104,8 @@ def int8_gemm_reference(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """(q [M, K] @ w_kn [K, N]) in int32 via torch._int_mm, then the per-token x per-channel epilogue."""
-    y = torch._int_mm(q, w_kn).to(torch.float32)
+    """(q [M, K] @ w_kn [K, N]) in int32 (`int8_matmul`), then the per-token x per-channel epilogue."""
+    y = int8_matmul(q, w_kn).to(torch.float32)
     y.mul_(a_scale.reshape(-1, 1)).mul_(w_scale.reshape(1, -1))  # in place: the epilogue is memory bound
     if bias is not None:
         y.add_(bias.to(torch.float32))

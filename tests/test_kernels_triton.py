@@ -229,3 +229,20 @@ def test_int8_decomposition_gemm(m, n, k, n_out):
     plain_q, plain_s = quantize_per_token_reference(x)
     plain = (plain_q.float() * plain_s[:, None]) @ w_full + bias
     assert (ref - exact).abs().mean() < 0.5 * (plain - exact).abs().mean()
+
+
+@pytest.mark.parametrize("path", ["int_mm", "float"])
+@pytest.mark.parametrize(("m", "k", "n"), [(32, 576, 40), (17, 2500, 24)])
+def test_int8_matmul_cpu_paths_are_exact(monkeypatch, path, m, k, n):
+    """Both CPU paths of the int8 GEMM equal an int64 reference bit for bit, full int8 range and
+    K past one exact float32 chunk (2500 > 1024) included.
+    """
+    import qpass.kernels.w8a8 as w8a8
+
+    monkeypatch.setitem(w8a8._CPU_INT8_PATH, "path", path)
+    g = torch.Generator().manual_seed(m + k)
+    q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
+    out = w8a8.int8_matmul(q, w)
+    assert out.dtype == torch.int32
+    assert torch.equal(out.to(torch.int64), q.to(torch.int64) @ w.to(torch.int64))
