@@ -34,7 +34,7 @@ from qpass.qconfig import (
     format_bits,
     is_block_format,
 )
-from qpass.quant.weight_quant import quantize_weight
+from qpass.quant.weight_quant import LayerWeight, quantize_weight
 
 
 def canonical_weight(weight: torch.Tensor, ref: WeightRef) -> torch.Tensor:
@@ -274,7 +274,7 @@ def plan_quantization(
     which measures sensitivity on `batches`) and the choice is reported per layer.
     """
     plan = QuantPlan("quantize")
-    chosen: dict[str, Any] = {}
+    chosen: dict[str, tuple[WeightQuantConfig, LayerWeight]] = {}
     if wcfg is not None and wcfg.mixed is not None:
         from qpass.quant.mixed_formats import choose_formats
 
@@ -305,7 +305,7 @@ def _quantize_linear(
     stats: Stats,
     wcfg: WeightQuantConfig | None,
     acfg: ActivationQuantConfig | None,
-    chosen: Any = None,
+    chosen: tuple[WeightQuantConfig, LayerWeight] | None = None,
 ) -> QLinear:
     """`chosen` is a mixed-precision choice: (the layer's weight config, its already quantized weight)."""
     w = canonical_weight(view.read(ref.const), ref)
