@@ -42,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qpass
 from qpass.graph.onnx import KIND_KEY
 from qpass.lowering.onnx_functions import lower_rotations, sylvester_split
-from qpass.math.rotation import hadamard, randomized_hadamard
+from qpass.math.hadamard import hadamard, randomized_hadamard
 from qpass.qconfig import RotationOp
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_dynamic_profile import kernel_times
 from onnx_hadamard import BATCHES, SEQ, graph_model, lowered, quantized_linear, session, time_all
 
-from qpass.math.rotation import hadamard
+from qpass.math.hadamard import hadamard
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N = 1536

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from qpass import zoo
-from qpass.math.rotation import randomized_hadamard
+from qpass.math.hadamard import randomized_hadamard
 from qpass.qconfig import WeightQuantConfig
 from qpass.quant.qlinear import weight_spec
-from qpass.quant.weights import rtn
+from qpass.quant.rtn import rtn
 
 OUT = Path(__file__).parent / "results" / "smollm2_rotation_diag.md"
 LAYERS = (5, 10, 15, 25)

@@ -50,7 +50,9 @@ import qpass  # noqa: E402
 from qpass import zoo  # noqa: E402
 from qpass.formats import Granularity, QuantSpec  # noqa: E402
 from qpass.formats.spec import ElementType  # noqa: E402
-from qpass.quant.weights import gptq, layer_error, rtn  # noqa: E402
+from qpass.quant.gptq import gptq  # noqa: E402
+from qpass.quant.lorc import layer_error  # noqa: E402
+from qpass.quant.rtn import rtn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_BATCH = 16

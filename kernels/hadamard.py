@@ -2,9 +2,9 @@
 (the op and its pure-torch default live in `qpass.math.hadamard_op`; importing this module
 registers the CUDA implementation).
 
-Equal to x @ (diag(signs) H) for the matrix `qpass.math.rotation.hadamard` builds, in
+Equal to x @ (diag(signs) H) for the matrix `qpass.math.hadamard.hadamard` builds, in
 O(n log n) instead of a dense n x n matmul. CPU runs the pure-torch reference
-(`qpass.math.rotation.fwht`); CUDA runs the Triton kernel below for n = m * 2^k with a
+(`qpass.math.hadamard.fwht`); CUDA runs the Triton kernel below for n = m * 2^k with a
 Paley base m <= 32 (m in {1, 12, 20, 28}: the sizes LLMs use, e.g. 11008 = 43*256 is not one,
 14336 = 28*512 is). The fake (meta) implementation lets torch.export / torch.compile trace it.
 
@@ -22,8 +22,8 @@ import torch
 
 from qpass.errors import ConfigError
 from qpass.kernels._triton import HAS_TRITON, check_launchable, next_pow2, tl, triton, use_triton
+from qpass.math.hadamard import dense_base, require_plan
 from qpass.math.hadamard_op import hadamard_reference, hadamard_transform
-from qpass.math.rotation import dense_base, require_plan
 
 MAX_BASE = 32  # the Paley base is padded to a power of two in registers; 12, 20, 28 fit
 

@@ -1,7 +1,7 @@
 """Custom-domain ONNX ops with function bodies, so lowered models run in stock onnxruntime.
 
 `qpass.HadamardTransform{n}(x, signs) = x @ (diag(signs) H_n)` and `qpass.Hadamard{n}(x) = x @ H_n`
-over the last axis, H_n the orthonormal Hadamard matrix of `qpass.math.rotation.hadamard`:
+over the last axis, H_n the orthonormal Hadamard matrix of `qpass.math.hadamard.hadamard`:
 sqrt(n) H_n = B_m ⊗ S_2 ⊗ ... ⊗ S_2 (n = m 2^k). The body is a model-local FunctionProto built
 with onnx-ir (its constants depend on n, which onnxscript's `@script` cannot unroll); runtimes
 that know nothing of the `qpass` domain inline it.
@@ -42,7 +42,7 @@ import torch
 
 from qpass.graph.onnx import KIND_KEY
 from qpass.graph.view import OpKind
-from qpass.math.rotation import hadamard
+from qpass.math.hadamard import hadamard
 from qpass.qconfig import RotationOp
 
 DOMAIN = "qpass"

@@ -26,17 +26,15 @@ from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.graph.regions import Site, find_absorber, find_sites
 from qpass.graph.residual import plan_residual
 from qpass.graph.view import EditPlan, GraphView, InsertRotation, RotateChannels, ScaleChannels, SiteNote
-from qpass.math.rotation import (
-    duquant_matrix,
-    duquant_rotation,
+from qpass.math.duquant import duquant_matrix, duquant_rotation
+from qpass.math.hadamard import (
     hadamard_block_size,
     hadamard_construction,
     has_hadamard,
-    klt_rotation,
-    random_orthogonal,
     random_signs,
     randomized_hadamard,
 )
+from qpass.math.rotation import klt_rotation, random_orthogonal
 from qpass.pass_base import PassContext, QPass
 
 

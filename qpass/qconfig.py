@@ -119,7 +119,7 @@ class WeightQuantConfig:
     lorc_rank: int = 0  # low-rank compensation: rank of the error correction U[out,r] @ V[r,in]; 0 = off
     protect: int | float = 0  # weights kept in float per layer: a count (int) or a fraction in (0, 1)
     protect_criterion: Literal["error", "magnitude"] = (
-        "error"  # which weights (qpass.quant.weights.protect_outliers)
+        "error"  # which weights (qpass.quant.protect.protect_outliers)
     )
     mixed: MixedPrecisionConfig | None = None  # per-layer format choice under a bit budget
     # AdaDim: "in" = groups of `group` input channels in one output row (the usual layout);

@@ -12,9 +12,10 @@ from test_onnx_lowering import inputs, linear_model, quantize, rel_max, run
 import qpass
 from qpass.errors import ConfigError, UnsupportedOpError
 from qpass.qconfig import WeightQuantConfig
+from qpass.quant.lorc import layer_error
 from qpass.quant.qlinear import dequantize_weight, weight_spec
+from qpass.quant.rtn import rtn, rtn_out_groups
 from qpass.quant.weight_quant import adaptive_dim, quantize_weight
-from qpass.quant.weights import layer_error, rtn, rtn_out_groups
 
 
 def _salient_weight(out: int = 64, inp: int = 96) -> tuple[torch.Tensor, torch.Tensor]:

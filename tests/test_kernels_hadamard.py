@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qpass.kernels.hadamard import hadamard_transform
-from qpass.math.rotation import random_signs, randomized_hadamard
+from qpass.math.hadamard import random_signs, randomized_hadamard
 from qpass.pass_base import PassContext
 from qpass.pass_manager import run_pass
 from qpass.passes.rotate import Rotate, RotateConfig

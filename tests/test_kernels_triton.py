@@ -26,7 +26,7 @@ from qpass.kernels.w8a8 import (  # noqa: E402
     quantize_per_token_reference,
     quantize_per_token_triton,
 )
-from qpass.math.rotation import random_signs, randomized_hadamard  # noqa: E402
+from qpass.math.hadamard import random_signs, randomized_hadamard  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""Bit allocation (passes/mixed_precision.py): DP exact vs brute force, greedy never better."""
+"""Bit allocation (qpass.quant.allocation): DP exact vs brute force, greedy never better."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from qpass.graph.onnx import KIND_KEY
 from qpass.lowering.onnx_finalize import check_lowered
 from qpass.lowering.onnx_functions import hadamard_function, kron_chunks, lower_rotations, sylvester_split
 from qpass.lowering.weight_packing import _pack_nibbles
-from qpass.math.rotation import hadamard, random_signs, randomized_hadamard
+from qpass.math.hadamard import hadamard, random_signs, randomized_hadamard
 from qpass.qconfig import RotationOp
 from qpass.quant.qlinear import fake_quant_act
 
@@ -364,7 +364,8 @@ def test_short_last_group_quantizes_and_lowers_to_matmulnbits(algo):
     """
     import torch
 
-    from qpass.quant.weights import layer_error, rtn
+    from qpass.quant.lorc import layer_error
+    from qpass.quant.rtn import rtn
 
     k = 576
     model, b = linear_model(k)

@@ -170,8 +170,8 @@ def test_gptq_in_the_pipeline_beats_rtn(llama_case):
     """
     from qpass.calibration import calibrate
     from qpass.qconfig import WeightQuantConfig
+    from qpass.quant.lorc import layer_error
     from qpass.quant.qlinear import canonical_weight, quant_stat_requests
-    from qpass.quant.weights import layer_error
 
     view = llama_case.view("fx", None)
     requests = quant_stat_requests(view, None, WeightQuantConfig(algo="gptq"))
@@ -200,8 +200,8 @@ def test_output_clip_in_the_pipeline_beats_rtn(llama_case):
     """
     from qpass.calibration import calibrate
     from qpass.qconfig import WeightQuantConfig
+    from qpass.quant.lorc import layer_error
     from qpass.quant.qlinear import canonical_weight, quant_stat_requests
-    from qpass.quant.weights import layer_error
 
     view = llama_case.view("fx", None)
     cfg = WeightQuantConfig(format="int3", clip_search=True, clip_objective="output")

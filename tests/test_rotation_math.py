@@ -11,23 +11,22 @@ import torch
 
 from qpass.errors import ConfigError
 from qpass.formats import get_format
-from qpass.math.rotation import (
-    channel_covariance,
-    duquant_apply,
-    duquant_matrix,
-    duquant_rotation,
+from qpass.math.duquant import duquant_apply, duquant_matrix, duquant_rotation, zigzag_permutation
+from qpass.math.hadamard import (
     fwht,
     hadamard,
     hadamard_block_size,
     hadamard_construction,
     has_hadamard,
+    random_signs,
+    randomized_hadamard,
+)
+from qpass.math.rotation import (
+    channel_covariance,
     klt_rotation,
     outlier_ratio,
     random_orthogonal,
-    random_signs,
-    randomized_hadamard,
     rotate_error,
-    zigzag_permutation,
 )
 
 F64 = torch.float64

@@ -23,9 +23,11 @@ from qpass.graph.view import OpKind, iter_linear_ops
 from qpass.lowering.torch_corrections import CorrectedQuantLinear
 from qpass.qconfig import WeightQuantConfig
 from qpass.quant.allocation import storage_bits
+from qpass.quant.gptq import gptq
+from qpass.quant.lorc import layer_error
 from qpass.quant.qlinear import ReplaceWithQOp, canonical_weight, plan_quantization, weight_spec
+from qpass.quant.rtn import rtn
 from qpass.quant.weight_quant import quantize_weight
-from qpass.quant.weights import gptq, layer_error, rtn
 from qpass.recipe import get_recipe
 from qpass.threads import single_thread
 

@@ -1,4 +1,4 @@
-"""Weight quantizers on plain tensors (passes/weights.py): RTN, GPTQ, g_idx, LoRC, outliers."""
+"""Weight quantizers on plain tensors (qpass.quant: rtn, gptq, lorc, protect): RTN, GPTQ, g_idx, LoRC, outliers."""
 
 from __future__ import annotations
 
@@ -9,15 +9,11 @@ import torch
 from qpass.errors import ConfigError
 from qpass.formats import fake_quantize, get_format
 from qpass.formats.scales import fake_rows
-from qpass.quant.weights import (
-    QuantizedWeight,
-    gptq,
-    layer_error,
-    low_rank_compensation,
-    protect_outliers,
-    rtn,
-    rtn_output_clip,
-)
+from qpass.quant.gptq import gptq
+from qpass.quant.lorc import layer_error, low_rank_compensation
+from qpass.quant.protect import protect_outliers
+from qpass.quant.quantized_weight import QuantizedWeight
+from qpass.quant.rtn import rtn, rtn_output_clip
 
 INT4_G128 = get_format("int4", group_size=128)
 INT3_PC = get_format("int3", granularity="per_channel")

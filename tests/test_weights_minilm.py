@@ -8,7 +8,9 @@ import torch
 from qpass import zoo
 from qpass.formats import Granularity, QuantSpec
 from qpass.formats.spec import ElementType
-from qpass.quant.weights import gptq, layer_error, rtn
+from qpass.quant.gptq import gptq
+from qpass.quant.lorc import layer_error
+from qpass.quant.rtn import rtn
 
 
 def _hessians(model: torch.nn.Module, batches) -> dict[str, torch.Tensor]:

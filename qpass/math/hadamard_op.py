@@ -2,7 +2,7 @@
 
 Defined here, in the base layer, so the FX adapter can insert it (an online rotation) without
 importing the kernels: its default implementation is the pure-torch O(n log n) transform
-(`qpass.math.rotation.fwht`). `qpass.kernels.hadamard` registers the Triton kernel for CUDA
+(`qpass.math.hadamard.fwht`). `qpass.kernels.hadamard` registers the Triton kernel for CUDA
 tensors on the same op; the fake (meta) implementation lets torch.export / torch.compile trace it.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from qpass.math.rotation import fwht
+from qpass.math.hadamard import fwht
 
 
 def hadamard_reference(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:

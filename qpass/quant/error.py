@@ -15,6 +15,7 @@ import torch
 from qpass.graph.view import GraphView, OpKind, ValueRef, iter_linear_ops
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.qlinear import canonical_weight, fake_quant_act, weight_spec
+from qpass.quant.weight_quant import quantize_weight
 
 
 def linear_output_errors(
@@ -76,8 +77,6 @@ def _quantized(
     w: torch.Tensor, hessian: torch.Tensor | None, cfg: WeightQuantConfig, layer: str
 ) -> torch.Tensor:
     """The weight the lowered layer would apply, through the pipeline's one weight path."""
-    from qpass.quant.weight_quant import quantize_weight  # the algorithms live with the passes
-
     xtx = None if hessian is None else hessian.float()
     return quantize_weight(w.float(), cfg, weight_spec(cfg), xtx, layer=layer).effective().double()
 

@@ -34,6 +34,7 @@ from qpass.qconfig import (
     format_bits,
     is_block_format,
 )
+from qpass.quant.weight_quant import LayerWeight, quantize_weight
 
 
 def canonical_weight(weight: torch.Tensor, ref: WeightRef) -> torch.Tensor:
@@ -269,13 +270,13 @@ def plan_quantization(
 ) -> QuantPlan:
     """One ReplaceWithQOp per quantizable linear; skipped layers say why.
 
-    With `wcfg.mixed`, each layer's format is chosen first (`qpass.quant.allocation.choose_formats`,
+    With `wcfg.mixed`, each layer's format is chosen first (`qpass.quant.mixed_formats.choose_formats`,
     which measures sensitivity on `batches`) and the choice is reported per layer.
     """
     plan = QuantPlan("quantize")
-    chosen: dict[str, Any] = {}
+    chosen: dict[str, tuple[WeightQuantConfig, LayerWeight]] = {}
     if wcfg is not None and wcfg.mixed is not None:
-        from qpass.quant.allocation import choose_formats
+        from qpass.quant.mixed_formats import choose_formats
 
         chosen, notes = choose_formats(view, stats, wcfg, batches)
         plan.notes.extend(notes)
@@ -304,7 +305,7 @@ def _quantize_linear(
     stats: Stats,
     wcfg: WeightQuantConfig | None,
     acfg: ActivationQuantConfig | None,
-    chosen: Any = None,
+    chosen: tuple[WeightQuantConfig, LayerWeight] | None = None,
 ) -> QLinear:
     """`chosen` is a mixed-precision choice: (the layer's weight config, its already quantized weight)."""
     w = canonical_weight(view.read(ref.const), ref)
@@ -313,8 +314,6 @@ def _quantize_linear(
     if chosen is not None:
         wcfg, lw = chosen
     if wcfg is not None:
-        from qpass.quant.weight_quant import quantize_weight  # the algorithms live with the passes
-
         spec = weight_spec(wcfg)
         if lw is None:
             xtx = stats[view.linear_input(op)].xtx if wcfg.needs_hessian else None

@@ -24,16 +24,11 @@ import torch
 from qpass.errors import PreconditionError
 from qpass.formats import QuantSpec
 from qpass.qconfig import WeightQuantConfig
-from qpass.quant.weights import (
-    QuantizedWeight,
-    gptq,
-    layer_error,
-    low_rank_compensation,
-    protect_outliers,
-    rtn,
-    rtn_out_groups,
-    rtn_output_clip,
-)
+from qpass.quant.gptq import gptq
+from qpass.quant.lorc import layer_error, low_rank_compensation
+from qpass.quant.protect import protect_outliers
+from qpass.quant.quantized_weight import QuantizedWeight
+from qpass.quant.rtn import rtn, rtn_out_groups, rtn_output_clip
 
 
 @dataclass(frozen=True, eq=False)
