@@ -5,7 +5,7 @@ Weight-only RTN, INT4 and INT3 in groups of 128, torch target (reference path fo
 output-row groups), 16 calibration sentences (X^T X for auto), held-out sentence-embedding
 cosine against FP32 (`zoo.embedding_agreement`). The embedding table stays FP.
 
-Run: PYTHONPATH=. python benchmarks/adadim_minilm.py  -> benchmarks/results/adadim_minilm.md
+Run: python benchmarks/adadim_minilm.py  -> benchmarks/results/adadim_minilm.md
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ fc_out input split; GELU fc2 inputs skipped) with 4 massive channels of 512
 (`tests/models.massive_channel_outliers`), and MiniLM, where no site qualifies (LayerNorm,
 GELU or attention produce every linear input) and the skip reasons are listed.
 
-Run: PYTHONPATH=. python benchmarks/disassemble.py  -> benchmarks/results/disassemble.md
+Run: python benchmarks/disassemble.py  -> benchmarks/results/disassemble.md
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ is measured exactly (all swaps between two blocks fake-quantized at once). The h
 judges: MSE ratios against no reordering, normal channels / all channels / consumer output.
 
 Sites: the MLP inputs with injected outliers (x100) of the synthetic models of reorder_split.py.
-Run: PYTHONPATH=. python benchmarks/reorder_search.py -> benchmarks/results/reorder_search.md
+Run: python benchmarks/reorder_search.py -> benchmarks/results/reorder_search.md
 """
 
 from __future__ import annotations

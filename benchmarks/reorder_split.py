@@ -10,7 +10,7 @@ inside a head (head size 64), with outlier channels spread over the blocks
 (`tests/models.spread_channel_outliers`), and the real MiniLM (head size 32: only its
 1536-wide FFN input can be reordered for blocks of 32; every site for BFP blocks of 8).
 
-Run: PYTHONPATH=. python benchmarks/reorder_split.py  -> benchmarks/results/reorder_split.md
+Run: python benchmarks/reorder_split.py  -> benchmarks/results/reorder_split.md
 
 SplitQuant: MiniLM with weight-only RTN (INT4 per row, INT2 in groups of 32, the embedding
 table left FP), with and without the split_quant pass; held-out sentence-embedding cosine

@@ -12,6 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+# The repo root holds folders (`kernels/`, `passes/`, `lowering/`) that install as `qpass.*`; on
+# sys.path they would shadow installed distributions of those names (Hugging Face's `kernels`, which
+# transformers imports). The README runs `python -P -m pytest`; this guard keeps a plain
+# `python -m pytest` honest too, and PYTHONSAFEPATH carries it into xdist workers and CLI subprocesses.
+_REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO]
+os.environ["PYTHONSAFEPATH"] = "1"
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

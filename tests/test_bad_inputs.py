@@ -368,7 +368,7 @@ json.dump(results, sys.stdout)
 
 def run_cli_many(argvs: list[list[str]]) -> list[dict]:
     proc = subprocess.run(
-        [sys.executable, "-c", CLI_DRIVER],
+        [sys.executable, "-P", "-c", CLI_DRIVER],
         input=json.dumps(argvs),
         capture_output=True,
         text=True,

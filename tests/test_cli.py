@@ -15,7 +15,7 @@ import pytest
 
 
 def _qpass(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qpass", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-P", "-m", "qpass", *args], capture_output=True, text=True, timeout=300)
 
 
 def _sha(path) -> str:

@@ -34,10 +34,10 @@ REPO = TESTS.parent
 
 def qpass_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """`python -m qpass ARGS` importing this checkout (and tests/, for the `cli_models` factories)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run(
-        [sys.executable, "-m", "qpass", *args],
+        [sys.executable, "-P", "-m", "qpass", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -55,7 +55,7 @@ def test_cli_w8a8_smooth_on_minilm_keeps_embeddings(tmp_path):
     digest = _sha256(src)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "qpass", "quantize", str(src), "-o", str(dst)]
+    cmd = [sys.executable, "-P", "-m", "qpass", "quantize", str(src), "-o", str(dst)]
     cmd += ["--recipe", RECIPE, "--calib", str(calib)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO, check=False)
     assert proc.returncode == 0, f"qpass quantize failed:\n{proc.stdout}\n{proc.stderr}"

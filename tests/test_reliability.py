@@ -81,7 +81,7 @@ def sha(path: Path) -> str:
 
 def qpass_cli(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "qpass", *args],
+        [sys.executable, "-P", "-m", "qpass", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
