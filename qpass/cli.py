@@ -7,16 +7,14 @@ progress bars) goes to stderr and is silenced by `--quiet`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from qpass.errors import ConfigError, OutputPathError, QPassError
+from qpass.cli_commands import COMMANDS
+from qpass.cli_steps import Console
+from qpass.errors import QPassError
 
 _EPILOG = """\
 models:  an .onnx file, or (quantize/inspect/eval) an importable 'module:factory' returning a
@@ -35,17 +33,6 @@ examples:
   qpass inspect model.onnx --calib calib.txt --tokenizer minilm --recipe w8a8-smooth --report outliers/
   qpass eval model.onnx model.q.onnx --data eval.npz --json
 """
-
-
-class _Console:
-    """Messages on stderr unless quiet."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def say(self, text: str) -> None:
-        if not self.quiet:
-            print(f"qpass: {text}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -200,293 +187,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# ----------------------------------------------------------------------------- shared steps
-def _load_chunks(args: argparse.Namespace, source: str, console: _Console, verb: str) -> list[dict]:
-    from qpass.sources import count_samples, load_data
-
-    chunks = load_data(source, tokenizer=args.tokenizer, batch_size=args.batch_size, max_len=args.max_len)
-    n = count_samples(chunks)
-    console.say(f"{verb} {n} samples from {source} (batches of {args.batch_size})")
-    return chunks
-
-
-def _onnx_data(source: str, chunks: list[dict]) -> Any:
-    """A single .npz is passed by path, so validation errors name the file."""
-    return source if Path(source).suffix == ".npz" and Path(source).is_file() else chunks
-
-
-def _torch_setup(args: argparse.Namespace, chunks: list[dict]) -> tuple[Any, list, Any]:
-    from qpass.sources import example_inputs, keyword_batches, load_factory, parse_input_spec
-
-    model = load_factory(args.input)
-    batches = keyword_batches(chunks, model, args.batch_size, args.calib)
-    specs = [parse_input_spec(s) for s in args.inputs]
-    example = example_inputs(specs, model) if specs else batches[0]
-    return model, batches, example
-
-
-def _check_model(spec: str, *, torch_ok: bool = True) -> bool:
-    """Whether `spec` is an ONNX file (True) or a torch factory (False); anything else is an error."""
-    from qpass.sources import check_model_spec, is_onnx_path
-
-    check_model_spec(spec)
-    if is_onnx_path(spec):
-        return True
-    if not torch_ok:
-        msg = f"{spec}: expected an .onnx file here"
-        raise ConfigError(msg)
-    return False
-
-
-def _write_outlier_report(
-    view: Any, batches: list, samples: int, args: argparse.Namespace, recipe: Any, console: _Console
-) -> None:
-    from qpass.report.html import write_report
-    from qpass.report.outliers import DEFAULT_RATIO, analyze
-
-    ratio = getattr(args, "outlier_ratio", None) or DEFAULT_RATIO
-    console.say(
-        "collecting per-channel ranges of every linear layer"
-        + (f", then running {recipe.name}'s passes" if recipe else "")
-    )
-    report = analyze(
-        view,
-        batches,
-        model=Path(args.input).name if args.input.endswith(".onnx") else args.input,
-        samples=samples,
-        ratio=ratio,
-        recipe=recipe,
-        verify=args.verify,
-        progress=not args.quiet,
-    )
-    for line in report.passes:
-        console.say(line)
-    console.say("plotting")
-    json_path, html_path = write_report(report, args.report)
-    n_out = sum(1 for layer in report.layers if layer.before.act.outliers())
-    console.say(f"{len(report.layers)} linear layers, {n_out} with activation outlier channels")
-    console.say(f"wrote {html_path} and {json_path}")
-
-
-# ----------------------------------------------------------------------------- commands
-def _quantize(args: argparse.Namespace, console: _Console) -> int:
-    from qpass.api import quantize_file, quantize_with_report
-    from qpass.recipe import get_recipe
-    from qpass.sources import count_samples
-
-    is_onnx = _check_model(args.input)
-    recipe = get_recipe(args.recipe)
-    if args.report:
-        _check_report_dir(args.report)
-    console.say(f"quantizing {args.input} with recipe '{recipe.name}'")
-    chunks = _load_chunks(args, args.calib, console, "calibrating on")
-    options = {"batch_size": args.batch_size, "verify": args.verify, "progress": not args.quiet}
-    if is_onnx:
-        data = _onnx_data(args.calib, chunks)
-        result = quantize_file(args.input, args.output, recipe, data, **options)
-    else:
-        out = _check_pt2_output(args.output)
-        model, batches, example = _torch_setup(args, chunks)
-        result = quantize_with_report(model, recipe, batches, example_inputs=example, **options)
-        _save_torch(result, example, out, console)
-    for line in result.report.summary().splitlines():
-        console.say(line)
-    console.say(f"wrote {args.output}")
-    if args.report:
-        _write_pass_report(result, Path(args.report))
-        view, batches = _open(args, chunks)
-        _write_outlier_report(view, batches, count_samples(chunks), args, recipe, console)
-    return 0
-
-
-def _check_report_dir(folder: str) -> None:
-    parent = Path(folder).resolve().parent
-    if not parent.is_dir():
-        msg = f"{folder}: report folder's parent '{parent}' does not exist"
-        raise OutputPathError(msg)
-
-
-def _check_pt2_output(output: str) -> Path:
-    from qpass.io import check_output_path
-
-    out = check_output_path(output)
-    if out.suffix != ".pt2":
-        msg = f"{output}: a torch model is saved as a .pt2 (torch.export); name the output *.pt2"
-        raise OutputPathError(msg)
-    return out
-
-
-def recipe_path_for(out: Path) -> Path:
-    """Where the recipe of a saved torch model goes: `model.q.pt2` -> `model.q.recipe.yaml`."""
-    return out.with_name(out.stem + ".recipe.yaml")
-
-
-def _save_torch(result: Any, example: Any, out: Path, console: _Console) -> None:
-    """The quantized GraphModule re-exported and saved with torch.export, and its recipe beside it."""
-    import torch
-
-    from qpass.graph.fx import _all_dims_auto, split_batch
-
-    args, kwargs = split_batch(example)
-    try:  # dims the model leaves free stay dynamic, as in capture; else the example's shapes
-        dynamic = _all_dims_auto(result.model, args, kwargs)
-        program = torch.export.export(result.model, args, kwargs, dynamic_shapes=dynamic, strict=False)
-    except Exception:  # noqa: BLE001 - fall back to static shapes below
-        try:
-            program = torch.export.export(result.model, args, kwargs, strict=False)
-        except Exception as exc:  # torch.export raises many types; say which step failed
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            msg = (
-                f"{out}: cannot save the quantized torch model (torch.export: {type(exc).__name__}: {first})"
-            )
-            raise QPassError(msg) from exc
-        console.say(f"note: {out} accepts only the example input shapes (static export)")
-    from qpass.io import atomic_path
-
-    tmp = out.with_name(f".{out.stem}.tmp.pt2")  # torch.export.save wants a .pt2 name
-    try:
-        torch.export.save(program, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    recipe_path = recipe_path_for(out)
-    with atomic_path(recipe_path) as tmp:
-        tmp.write_text(result.recipe.to_yaml())
-    console.say(f"wrote {recipe_path}")
-
-
-def _write_pass_report(result: Any, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    passes = [
-        {
-            "pass": r.name,
-            "edits": len(r.plan.edits),
-            "max_rel_error": r.max_rel_error,
-            "sites": [{"site": n.site, "applied": n.applied, "detail": n.detail} for n in r.plan.notes],
-        }
-        for r in result.report.results
-    ]
-    doc = {"recipe": result.recipe.to_dict(), "passes": passes}
-    (folder / "passes.json").write_text(json.dumps(doc, indent=1))
-
-
-def _open(args: argparse.Namespace, chunks: list[dict]) -> tuple[Any, list]:
-    """A fresh GraphView of the input model and its batches."""
-    from qpass.api import open_view
-    from qpass.data import onnx_batches
-
-    if _check_model(args.input):
-        view = open_view(args.input)
-        return view, onnx_batches(view.model, _onnx_data(args.calib, chunks), args.batch_size)
-    model, batches, example = _torch_setup(args, chunks)
-    return open_view(model, example), batches
-
-
-def _inspect(args: argparse.Namespace, console: _Console) -> int:
-    from qpass.recipe import get_recipe
-    from qpass.sources import count_samples
-
-    _check_model(args.input)
-    recipe = get_recipe(args.recipe) if args.recipe else None
-    _check_report_dir(args.report)
-    if args.outlier_ratio is not None and args.outlier_ratio <= 1:
-        msg = f"--outlier-ratio {args.outlier_ratio}: must be > 1 (a multiple of the median channel)"
-        raise ConfigError(msg)
-    chunks = _load_chunks(args, args.calib, console, "calibrating on")
-    view, batches = _open(args, chunks)
-    _write_outlier_report(view, batches, count_samples(chunks), args, recipe, console)
-    return 0
-
-
-def _eval_model(spec: str, input_names: list[str] | None = None) -> Any:
-    from qpass.evaluate import onnx_model, torch_model
-    from qpass.sources import (
-        is_onnx_path,
-        is_program_path,
-        load_factory,
-        load_program,
-        torch_input_names,
-    )
-
-    if is_onnx_path(spec):
-        if not Path(spec).is_file():
-            msg = f"{spec}: no such ONNX file"
-            raise QPassError(msg)
-        return onnx_model(spec)
-    if is_program_path(spec):
-        return torch_model(spec, load_program(spec), input_names or [])
-    module = load_factory(spec)
-    return torch_model(spec, module, torch_input_names(module))
-
-
-def _eval(args: argparse.Namespace, console: _Console) -> int:
-    from qpass.evaluate import Task, compare
-    from qpass.sources import check_model_spec
-
-    for spec in (args.fp, args.quant):
-        check_model_spec(spec)
-    chunks = _load_chunks(args, args.data, console, "evaluating on")
-    fp = _eval_model(args.fp)
-    # a .pt2 takes the FP model's inputs (it was exported from it)
-    quant = _eval_model(args.quant, fp.input_names)
-    if not quant.input_names:
-        quant.input_names = sorted(chunks[0])
-    if not fp.input_names:
-        fp.input_names = sorted(chunks[0])
-    console.say(f"comparing {args.quant} with {args.fp}")
-    result = compare(
-        fp,
-        quant,
-        chunks,
-        task=Task(args.task),
-        batch_size=args.batch_size,
-        origin=args.data,
-        progress=not args.quiet,
-    )
-    print(json.dumps(result.to_dict(), indent=1) if args.json else result.table())
-    return 0
-
-
-def _zoo(args: argparse.Namespace, console: _Console) -> int:
-    from qpass import zoo
-
-    folder = Path(args.folder)
-    _check_report_dir(str(folder))
-    folder.mkdir(exist_ok=True)
-    for split, name in (("calib", "calib.txt"), ("eval", "eval.txt")):
-        (folder / name).write_text("\n".join(zoo.sentences(split, args.samples)) + "\n")
-    console.say(f"exporting MiniLM to {folder / 'minilm.onnx'}")
-    zoo.export_minilm_onnx(folder / "minilm.onnx")
-    console.say(f"wrote {folder / 'minilm.onnx'}, {folder / 'calib.txt'} and {folder / 'eval.txt'}")
-    return 0
-
-
-def _recipes(args: argparse.Namespace, console: _Console) -> int:
-    from qpass.recipe import builtin_names, get_recipe
-
-    if args.action == "show":
-        if not args.name:
-            msg = "`qpass recipes show` needs a recipe name"
-            raise QPassError(msg)
-        print(get_recipe(args.name).to_yaml(), end="")
-        return 0
-    for name in builtin_names():
-        print(f"{name:24s} {get_recipe(name).description}")
-    return 0
-
-
-_COMMANDS = {"quantize": _quantize, "inspect": _inspect, "eval": _eval, "zoo": _zoo, "recipes": _recipes}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quiet = bool(getattr(args, "quiet", False))
     logging.basicConfig(level=logging.WARNING, format="qpass: %(message)s")
     if quiet:  # library warnings (torch, transformers) are noise to a quiet run
         warnings.filterwarnings("ignore")
-    console = _Console(quiet)
+    console = Console(quiet)
     try:
-        return _COMMANDS[args.command](args, console)
+        return COMMANDS[args.command](args, console)
     except QPassError as exc:
         print(f"qpass: error: {exc}", file=sys.stderr)
         return 1
