@@ -25,6 +25,7 @@ from reorder_split import OUTLIER_RATIO, RESULTS, _consumer_matrices, synthetic 
 
 from qpass.formats import fake_quantize, get_format  # noqa: E402
 from qpass.graph.fx import FxGraphView, capture, clone_graph_module  # noqa: E402
+from qpass.pass_base import PassContext  # noqa: E402
 from qpass.passes.reorder import Reorder, ReorderConfig, sort_permutation  # noqa: E402
 
 FORMATS = ("mxfp4", "bfp12")
@@ -102,7 +103,8 @@ def main() -> None:
     torch.manual_seed(0)
     for name, model, batches in synthetic(factors=(100.0,)):
         view = FxGraphView(clone_graph_module(capture(model, batches[0])))
-        sites = [s for s in Reorder(ReorderConfig(block=8))._sites(view)[0] if s.period == s.width]
+        found = Reorder(ReorderConfig(block=8)).sites(view, PassContext()).found
+        sites = [s for s in found if s.period == s.width]
         seen = [view.observe([s.value for s in sites], b) for b in batches]
         for site in sites:
             calib = torch.cat([o[site.value.name].reshape(-1, site.width) for o in seen[:-1]]).double()

@@ -165,7 +165,7 @@ def measure(name: str, model, batches, variant: tuple) -> list[dict]:
         view = FxGraphView(clone_graph_module(capture(model, batches[0])))
         n_ops = len(list(view.ops()))
         rpass = Reorder(ReorderConfig(block=spec.group_size, method=method, per_head=per_head, key=key))
-        sites, _ = rpass._sites(view)
+        sites = rpass.sites(view, PassContext()).found
         values = [s.value for s in sites]
         before = view.observe(values, held_out) if values else {}
         w_before = {s.label: (_channel_weights(view, s), _consumer_matrices(view, s)) for s in sites}

@@ -1,7 +1,9 @@
 """Write a pass once, run it on torch.fx and ONNX: fold every norm's gamma into the linears it feeds.
 
-A pass reads the graph through `GraphView`, reuses the shared site finder, and answers with an
-`EditPlan`; the pass manager applies it and checks the function is unchanged.
+A pass reads the graph through `GraphView` as match -> check -> rewrite: `sites` lists candidates
+with the shared region walker (`qpass.graph.regions`), `check` skips one with a reason, `rewrite`
+gives its edits; the default `plan` turns that into an `EditPlan` (a note per site), which the
+pass manager applies, checking the function is unchanged.
 
     .venv/bin/python examples/write_a_pass.py
 """
@@ -19,33 +21,34 @@ from models import TinyLlama, inject_outliers, llama_inputs  # noqa: E402 - the 
 
 from qpass.graph.fx import FxGraphView, capture  # noqa: E402
 from qpass.graph.onnx import OnnxGraphView, load_model  # noqa: E402
-from qpass.graph.regions import find_absorber, find_sites  # noqa: E402
-from qpass.graph.view import EditPlan, ScaleChannels, SiteNote  # noqa: E402
-from qpass.pass_base import PassContext, QPass  # noqa: E402
+from qpass.graph.regions import Site, find_absorber, find_sites  # noqa: E402
+from qpass.graph.view import ScaleChannels  # noqa: E402
+from qpass.pass_base import PassContext, QPass, Rewrite, SiteList  # noqa: E402
 from qpass.pass_manager import run_pass  # noqa: E402
 
 
-class FoldGamma(QPass):
+class FoldGamma(QPass[None, Site]):
     """gamma -> 1 on norms (x * gamma) whose output only feeds linears; W[:, j] *= gamma_j."""
 
     name = "fold_gamma"
 
-    def plan(self, view, stats, ctx) -> EditPlan:
-        plan = EditPlan(self.name)
-        for site in find_sites(view)[0]:
-            absorber = find_absorber(view, site.value, site.channels)
-            producer = view.producer(site.value)
-            const_act = view.constant_operand(producer) if producer is not None else None
-            if isinstance(absorber, str) or const_act is None or absorber.targets[0][0] != const_act[0]:
-                plan.notes.append(SiteNote(site.label, False, "not fed by a norm's gamma multiply"))
-                continue
-            (gamma, axis), *_ = absorber.targets
-            g = view.read(gamma).reshape(-1)
-            for sink in site.sinks:
-                plan.edits.append(ScaleChannels(sink.weight.const, sink.weight.in_axis, g, site=site.label))
-            plan.edits.append(ScaleChannels(gamma, axis, 1.0 / g, site=site.label))
-            plan.notes.append(SiteNote(site.label, True, f"folded gamma of {gamma.name}"))
-        return plan
+    def sites(self, view, ctx) -> SiteList[Site]:
+        return SiteList(*find_sites(view))  # found sites, (label, reason) for the rejected
+
+    def check(self, site, view, stats, ctx) -> str | None:
+        absorber = find_absorber(view, site.value, site.channels)
+        producer = view.producer(site.value)
+        const_act = view.constant_operand(producer) if producer is not None else None
+        if isinstance(absorber, str) or const_act is None or absorber.targets[0][0] != const_act[0]:
+            return "not fed by a norm's gamma multiply"
+        return None
+
+    def rewrite(self, site, view, stats, ctx) -> Rewrite:
+        (gamma, axis), *_ = find_absorber(view, site.value, site.channels).targets
+        g = view.read(gamma).reshape(-1)
+        edits = [ScaleChannels(s.weight.const, s.weight.in_axis, g, site=site.label) for s in site.sinks]
+        edits.append(ScaleChannels(gamma, axis, 1.0 / g, site=site.label))
+        return Rewrite(edits, f"folded gamma of {gamma.name}")
 
 
 def main() -> None:

@@ -20,11 +20,11 @@ import torch
 
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
-from qpass.graph.regions import Absorber, Site, absorbable_sites
-from qpass.graph.view import EditPlan, GraphView, ScaleChannels, SiteNote
-from qpass.pass_base import PassContext, QPass
-from qpass.passes.smooth import tile_to
-from qpass.qconfig import INT_FORMATS, WeightQuantConfig
+from qpass.graph.regions.absorbers import Migration, absorbable_sites
+from qpass.graph.regions.migrate import scale_migration, tile_to
+from qpass.graph.view import GraphView
+from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
+from qpass.qconfig import INT_FORMATS, ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.qlinear import canonical_weight, fake_quant_weight
 
 
@@ -72,60 +72,48 @@ def weight_only_error(
     return total
 
 
-class AWQ(QPass):
+class AWQ(QPass[AWQConfig, Migration]):
     """Activation-aware weight scaling, searched per site, folded into the producer exactly."""
 
     name = "awq"
 
-    def _sites(self, view: GraphView) -> tuple[list[tuple[Site, Absorber]], list[SiteNote]]:
-        usable, rejected = absorbable_sites(view)
-        return usable, [SiteNote(label, False, reason) for label, reason in rejected]
+    def sites(self, view: GraphView, ctx: PassContext) -> SiteList[Migration]:
+        return SiteList(*absorbable_sites(view))
 
-    def _format(self, ctx: PassContext) -> WeightQuantConfig:
-        w = ctx.weights
-        if w is None or w.format not in INT_FORMATS:
-            got = "none" if w is None else repr(w.format)
+    @classmethod
+    def check_formats(
+        cls, weights: WeightQuantConfig | None, activations: ActivationQuantConfig | None
+    ) -> None:
+        if weights is None or weights.format not in INT_FORMATS:
+            got = "none" if weights is None else repr(weights.format)
             msg = f"pass 'awq' needs an integer weight format in the recipe's 'weights' (got {got})"
             raise ConfigError(msg)
-        return w
+
+    def _format(self, ctx: PassContext) -> WeightQuantConfig:
+        self.check_formats(ctx.weights, ctx.activations)
+        return ctx.weights
+
+    def stat_kinds(self, ctx: PassContext) -> frozenset[StatKind]:
+        return frozenset({StatKind.SAMPLES})
 
     def stat_requests(self, view: GraphView, ctx: PassContext) -> list[StatRequest]:
         self._format(ctx)
-        usable, _ = self._sites(view)
-        return [StatRequest(site.value, frozenset({StatKind.SAMPLES})) for site, _ in usable]
+        return super().stat_requests(view, ctx)
 
-    def plan(self, view: GraphView, stats: Stats, ctx: PassContext) -> EditPlan:
+    def rewrite(self, site: Migration, view: GraphView, stats: Stats, ctx: PassContext) -> Rewrite | str:
         wcfg = self._format(ctx)
-        usable, notes = self._sites(view)
-        plan = EditPlan(self.name, notes=notes)
         grid = sorted({0.0, *self.config.grid})
-        for site, absorber in usable:
-            x = stats[site.value].samples[: self.config.search_rows].to(torch.float32)
-            weights = [canonical_weight(view.read(s.weight.const), s.weight) for s in site.sinks]
-            mean_abs = x.abs().mean(0)
-            errors = {}
-            for alpha in grid:
-                s = tile_to(
-                    awq_scales(mean_abs, alpha, self.config.min_scale, absorber.period), site.channels
-                )
-                errors[alpha] = weight_only_error(x, weights, s.to(torch.float32), wcfg)
-            best = min(grid, key=lambda a: (errors[a], a))
-            if best == 0.0:
-                plan.notes.append(
-                    SiteNote(site.label, False, f"alpha=0 is best (rel. err {errors[0.0]:.3e})")
-                )
-                continue
-            s = awq_scales(mean_abs, best, self.config.min_scale, absorber.period)
-            for sink in site.sinks:
-                plan.edits.append(
-                    ScaleChannels(
-                        sink.weight.const, sink.weight.in_axis, tile_to(s, site.channels), site=site.label
-                    )
-                )
-            for const, axis in absorber.targets:
-                plan.edits.append(
-                    ScaleChannels(const, axis, 1.0 / tile_to(s, const.shape[axis]), site=site.label)
-                )
-            detail = f"alpha={best:g}, rel. err {errors[0.0]:.3e} -> {errors[best]:.3e}, via {absorber.path}"
-            plan.notes.append(SiteNote(site.label, True, detail))
-        return plan
+        x = stats[site.site.value].samples[: self.config.search_rows].to(torch.float32)
+        weights = [canonical_weight(view.read(s.weight.const), s.weight) for s in site.site.sinks]
+        mean_abs = x.abs().mean(0)
+        period = site.absorber.period
+        errors = {}
+        for alpha in grid:
+            s = tile_to(awq_scales(mean_abs, alpha, self.config.min_scale, period), site.site.channels)
+            errors[alpha] = weight_only_error(x, weights, s.to(torch.float32), wcfg)
+        best = min(grid, key=lambda a: (errors[a], a))
+        if best == 0.0:
+            return f"alpha=0 is best (rel. err {errors[0.0]:.3e})"
+        s = awq_scales(mean_abs, best, self.config.min_scale, period)
+        detail = f"alpha={best:g}, rel. err {errors[0.0]:.3e} -> {errors[best]:.3e}, via {site.absorber.path}"
+        return Rewrite(scale_migration(site, s), detail)

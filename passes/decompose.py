@@ -34,16 +34,10 @@ import torch
 
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
-from qpass.graph.view import (
-    EditPlan,
-    GraphView,
-    KeepFloatChannels,
-    OpKind,
-    OpRef,
-    SiteNote,
-    iter_linear_ops,
-)
-from qpass.pass_base import PassContext, QPass
+from qpass.graph.view import GraphView, KeepFloatChannels, OpKind, OpRef, iter_linear_ops
+from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
+from qpass.pass_manager import check_pass_order
+from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.decompose import check_formats
 
 DEFAULT_THRESHOLD = 6.0  # LLM.int8 (Dettmers et al., 2022): |x| >= 6 marks an outlier feature
@@ -91,14 +85,10 @@ class Int8DecomposeConfig:
         return f"max|x| >= {self.threshold if self.threshold is not None else DEFAULT_THRESHOLD:g}"
 
     def check_recipe(self, recipe: Any, index: int) -> None:
-        """Called by `Recipe`: this pass must run last and needs per-token integer activations."""
-        if index != len(recipe.passes) - 1:
-            msg = (
-                f"recipe key 'passes[{index}]': int8_decompose must be the last pass (later passes "
-                f"would move the channels it chose); found '{recipe.passes[index + 1].name}' after it"
-            )
-            raise ConfigError(msg)
-        check_formats(recipe.weights, recipe.activations)
+        """Called by `Recipe`: the pass manager checks what the recipe's passes declare
+        (`Int8Decompose.must_run_last`, its `check_formats`).
+        """
+        check_pass_order([s.build() for s in recipe.passes], PassContext(recipe.weights, recipe.activations))
 
 
 def select_channels(absmax: torch.Tensor, cfg: Int8DecomposeConfig) -> tuple[torch.Tensor, str]:
@@ -120,55 +110,57 @@ def select_channels(absmax: torch.Tensor, cfg: Int8DecomposeConfig) -> tuple[tor
     return torch.sort(order[:n]).values.to(torch.int64), why
 
 
-class Int8Decompose(QPass):
-    """Record, per linear, the input channels that quantization keeps in float (FP function unchanged)."""
+class Int8Decompose(QPass[Int8DecomposeConfig, OpRef]):
+    """Record, per linear, the input channels that quantization keeps in float (FP function unchanged).
+
+    One choice per activation, shared by the linears reading it (the same statistics give the
+    same channels). Declared: it must run last (later passes would move the chosen channels)
+    and the recipe's formats must be ones a decomposed layer supports.
+    """
 
     name = "int8_decompose"
+    must_run_last = True
+    last_reason = "later passes would move the channels it chose"
+
+    @classmethod
+    def check_formats(
+        cls, weights: WeightQuantConfig | None, activations: ActivationQuantConfig | None
+    ) -> None:
+        check_formats(weights, activations)
+
+    def sites(self, view: GraphView, ctx: PassContext) -> SiteList[OpRef]:
+        return SiteList([op for op in iter_linear_ops(view) if op.kind is OpKind.LINEAR])
+
+    def label(self, site: OpRef) -> str:
+        return site.name
 
     def stat_requests(self, view: GraphView, ctx: PassContext) -> list[StatRequest]:
-        inputs = dict.fromkeys(view.linear_input(op) for op in _linears(view))
+        inputs = dict.fromkeys(view.linear_input(op) for op in self.sites(view, ctx).found)
         return [StatRequest(v, frozenset({StatKind.RANGE})) for v in inputs]
 
-    def plan(self, view: GraphView, stats: Stats, ctx: PassContext) -> EditPlan:
-        plan = EditPlan(self.name)
-        chosen: dict[str, tuple[torch.Tensor, str]] = {}
-        for op in _linears(view):
-            ref = view.weight(op)
-            x = view.linear_input(op)
-            if len(ref.const.shape) != 2:
-                plan.notes.append(
-                    SiteNote(op.name, False, f"{len(ref.const.shape)}-D weight: not a plain linear")
-                )
-                continue
-            absmax = stats[x].absmax
-            if absmax.numel() != ref.in_features:
-                width = f"{absmax.numel()} input channels vs {ref.in_features} weight inputs"
-                plan.notes.append(SiteNote(op.name, False, width))
-                continue
-            if x.name not in chosen:  # one choice per activation, shared by the linears reading it
-                chosen[x.name] = select_channels(absmax, self.config)
-            channels, why = chosen[x.name]
-            if channels.numel() == 0:
-                top = float(absmax.max())
-                plan.notes.append(SiteNote(op.name, False, f"no outlier channel ({why}; largest {top:.3g})"))
-                continue
-            plan.edits.append(KeepFloatChannels(op, channels, site=op.name))
-            shown = channels.tolist()[:8]
-            more = f" (+{channels.numel() - 8})" if channels.numel() > 8 else ""
-            plan.notes.append(
-                SiteNote(
-                    op.name,
-                    True,
-                    f"{channels.numel()}/{ref.in_features} channels float {shown}{more}: {why}; "
-                    f"their max|x| {float(absmax[channels].min()):.3g}..{float(absmax[channels].max()):.3g}, "
-                    f"the rest <= {_rest_max(absmax, channels):.3g}",
-                )
-            )
-        return plan
+    def check(self, site: OpRef, view: GraphView, stats: Stats, ctx: PassContext) -> str | None:
+        ref = view.weight(site)
+        if len(ref.const.shape) != 2:
+            return f"{len(ref.const.shape)}-D weight: not a plain linear"
+        absmax = stats[view.linear_input(site)].absmax
+        if absmax.numel() != ref.in_features:
+            return f"{absmax.numel()} input channels vs {ref.in_features} weight inputs"
+        return None
 
-
-def _linears(view: GraphView) -> list[OpRef]:
-    return [op for op in iter_linear_ops(view) if op.kind is OpKind.LINEAR]
+    def rewrite(self, site: OpRef, view: GraphView, stats: Stats, ctx: PassContext) -> Rewrite | str:
+        ref = view.weight(site)
+        absmax = stats[view.linear_input(site)].absmax
+        channels, why = select_channels(absmax, self.config)
+        if channels.numel() == 0:
+            return f"no outlier channel ({why}; largest {float(absmax.max()):.3g})"
+        shown = channels.tolist()[:8]
+        more = f" (+{channels.numel() - 8})" if channels.numel() > 8 else ""
+        detail = (
+            f"{channels.numel()}/{ref.in_features} channels float {shown}{more}: {why}; "
+            f"their max|x| {float(absmax[channels].min()):.3g}..{float(absmax[channels].max()):.3g}, "
+            f"the rest <= {_rest_max(absmax, channels):.3g}"
+        )
+        return Rewrite([KeepFloatChannels(site, channels, site=site.name)], detail)
 
 
 def _rest_max(absmax: torch.Tensor, channels: torch.Tensor) -> float:

@@ -29,24 +29,16 @@ group (`multiple_of`) so grouped weight quantization still tiles the widened inp
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from qpass.calibration import StatRequest, Stats
 from qpass.errors import ConfigError
-from qpass.graph.regions import find_sites, is_channel_vector
-from qpass.graph.view import (
-    ConstRef,
-    EditPlan,
-    ExpandChannels,
-    GraphView,
-    OpKind,
-    SiteNote,
-    ValueRef,
-)
-from qpass.pass_base import PassContext, QPass
+from qpass.graph.regions.expand import ExpansionRegion, expansion_site
+from qpass.graph.regions.sites import OnSite, find_sites
+from qpass.graph.view import Edit, ExpandChannels, GraphView
+from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
 
 
 @dataclass(frozen=True)
@@ -123,206 +115,64 @@ def expansion(splits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, scale
 
 
-# ----------------------------------------------------------------------------- the producer side
-@dataclass
-class _Region:
-    """Producer-side constants to repeat (and which of them take 1/T), and the widened values."""
-
-    repeat: list[tuple[ConstRef, int]] = field(default_factory=list)
-    scaled: set[str] = field(default_factory=set)
-    values: list[ValueRef] = field(default_factory=list)
-    ops: set[str] = field(default_factory=set)
-    plain: set[str] = field(default_factory=set)  # constants repeated without the 1/T
-
-    def merged(self, other: _Region) -> _Region:
-        return _Region(
-            self.repeat + other.repeat,
-            self.scaled | other.scaled,
-            self.values + other.values,
-            self.ops | other.ops,
-            self.plain | other.plain,
-        )
-
-    def check(self, view: GraphView, site: ValueRef) -> str | None:
-        """Every widened value is read only inside the region; no constant both scaled and not."""
-        for v in [site, *self.values]:
-            shape_readers = [c for c in view.consumers(v) if c.kind is OpKind.SHAPE_OF]
-            if shape_readers:  # e.g. an attention reshape sized from it: its width must not change
-                return f"the shape of '{v.name}' is read by {shape_readers[0].op_type} '{shape_readers[0].name}'"
-            if v == site:
-                continue
-            if view.is_graph_output(v):
-                return f"intermediate '{v.name}' is a graph output"
-            outside = [c for c in view.consumers(v) if c.name not in self.ops]
-            if outside:
-                return f"intermediate '{v.name}' also feeds {outside[0].op_type} '{outside[0].name}'"
-        both = self.scaled & self.plain
-        if both:
-            return f"constant '{sorted(both)[0]}' is reached with and without the 1/T"
-        return None
-
-
-def _const_size(const: ConstRef) -> int:
-    return math.prod(const.shape) if const.shape else 1
-
-
-def _is_relu(op_type: str) -> bool:
-    return "relu" in op_type.lower() and "leaky" not in op_type.lower()
-
-
-def _walk(view: GraphView, value: ValueRef, channels: int, scale: bool) -> _Region | str:
-    """The region producing `value` back to linears; `scale`: this branch must take the 1/T."""
-    op = view.producer(value)
-    if op is None:
-        return f"'{value.name}' is a graph input"
-    here = _Region(values=[value], ops={op.name})
-    if op.kind in (OpKind.LAYER_NORM, OpKind.RMS_NORM):
-        return (
-            f"{op.op_type} '{op.name}' output: a norm cannot emit a repeated channel without changing "
-            "its statistics (mean of squares), and a runtime gather would be a new op"
-        )
-    if op.kind is OpKind.LINEAR:
-        w = view.weight(op)
-        if w is None or w.out_features != channels:
-            return f"{op.op_type} '{op.name}' output width does not match {channels} channels"
-        consts = [(w.const, w.out_axis)] + ([(w.bias, 0)] if w.bias is not None else [])
-        here.repeat += consts
-        (here.scaled if scale else here.plain).update(c.name for c, _ in consts)
-        return here
-    acts = view.value_operands(op)
-    if op.kind in (OpKind.CAST, OpKind.ACTIVATION):
-        if len(acts) != 1:
-            return f"{op.op_type} '{op.name}' has {len(acts)} activation operands"
-        if scale and op.kind is OpKind.ACTIVATION and not _is_relu(op.op_type):
-            return f"{op.op_type} '{op.name}': f(x / T) != f(x) / T, so the split cannot pass it"
-        sub = _walk(view, acts[0], channels, scale)
-        return sub if isinstance(sub, str) else here.merged(sub)
-    if op.kind in (OpKind.ADD, OpKind.SUB, OpKind.MUL):
-        pair = view.constant_operand(op)
-        if pair is not None:
-            const, act = pair
-            if _const_size(const) == 1:
-                if scale and op.kind is not OpKind.MUL:
-                    return f"{op.op_type} '{op.name}' adds a scalar, which 1/T would change"
-                sub = _walk(view, act, channels, scale)
-                return sub if isinstance(sub, str) else here.merged(sub)
-            if not is_channel_vector(const, channels):
-                return f"{op.op_type} '{op.name}' constant {const.shape} is not per-channel"
-            here.repeat.append((const, len(const.shape) - 1))
-            (here.scaled if scale else here.plain).add(const.name)
-            # a per-channel factor takes the 1/T itself; a per-channel offset needs it upstream too
-            sub = _walk(view, act, channels, scale and op.kind is not OpKind.MUL)
-            return sub if isinstance(sub, str) else here.merged(sub)
-        if op.kind is OpKind.MUL and len(acts) == 2:
-            narrow = [a for a in acts if _last_dim(view, a) != channels]
-            if narrow:
-                return f"{op.op_type} '{op.name}' operand '{narrow[0].name}' broadcasts over channels"
-            if not scale:
-                subs = [_walk(view, a, channels, False) for a in acts]
-                bad = [s for s in subs if isinstance(s, str)]
-                return bad[0] if bad else here.merged(subs[0]).merged(subs[1])
-            reasons = []
-            for i in (1, 0):  # prefer the second factor (SwiGLU: act(gate) * up)
-                scaled = _walk(view, acts[i], channels, True)
-                plain = _walk(view, acts[1 - i], channels, False)
-                if isinstance(scaled, str) or isinstance(plain, str):
-                    reasons.append(scaled if isinstance(scaled, str) else plain)
-                    continue
-                return here.merged(scaled).merged(plain)
-            return f"{op.op_type} '{op.name}': neither factor can take 1/T ({'; '.join(reasons)})"
-        return f"{op.op_type} '{op.name}' combines two activations"
-    if op.kind in (OpKind.RESHAPE, OpKind.TRANSPOSE, OpKind.EXPAND):
-        return (
-            f"{op.op_type} '{op.name}' (head layout): a repeated channel would change the head size "
-            "the attention reshapes expect"
-        )
-    return f"producer {op.op_type} '{op.name}' is not a linear, ReLU or elementwise product"
-
-
-def _last_dim(view: GraphView, value: ValueRef) -> int | None:
-    shape = view.shape(value)
-    return shape[-1] if shape and isinstance(shape[-1], int) else None
-
-
 # ----------------------------------------------------------------------------- the pass
-class Disassemble(QPass):
+@dataclass(frozen=True)
+class DisassembleSite(OnSite):
+    """A linear-input site and the producer region whose channels are repeated with it."""
+
+    region: ExpansionRegion
+
+
+class Disassemble(QPass[DisassembleConfig, DisassembleSite]):
     """Split outlier input channels of linears into T scaled copies (exact; the width grows)."""
 
     name = "disassemble"
 
-    def _sites(self, view: GraphView):
-        usable, notes = [], []
-        sites, rejected = find_sites(view)
-        notes += [SiteNote(label, False, why) for label, why in rejected]
+    def sites(self, view: GraphView, ctx: PassContext) -> SiteList[DisassembleSite]:
+        sites, skipped = find_sites(view)
+        listed = SiteList[DisassembleSite]([], skipped)
         for site in sites:
-            if view.is_graph_output(site.value):
-                notes.append(
-                    SiteNote(site.label, False, f"'{site.value.name}' is a graph output (its width is fixed)")
-                )
-                continue
-            region = _walk(view, site.value, site.channels, True)
-            if not isinstance(region, str):
-                region = region.check(view, site.value) or region
+            region = expansion_site(view, site)
             if isinstance(region, str):
-                notes.append(SiteNote(site.label, False, region))
-                continue
-            shared = [
-                c
-                for c, _ in region.repeat + [(s.weight.const, 0) for s in site.sinks]
-                if view.const_users(c) != 1
-            ]
-            if shared:
-                notes.append(
-                    SiteNote(site.label, False, f"constant '{shared[0].name}' is shared by other ops")
-                )
-                continue
-            if not region.scaled:
-                notes.append(SiteNote(site.label, False, "no constant on the path can take 1/T"))
-                continue
-            usable.append((site, region))
-        return usable, notes
+                listed.skipped.append((site.label, region))
+            else:
+                listed.found.append(DisassembleSite(site, region))
+        return listed
 
     def stat_requests(self, view: GraphView, ctx: PassContext) -> list[StatRequest]:
-        return [StatRequest(site.value) for site, _ in self._sites(view)[0]]
+        return [StatRequest(s.site.value) for s in self.sites(view, ctx).found]
 
-    def plan(self, view: GraphView, stats: Stats, ctx: PassContext) -> EditPlan:
-        usable, notes = self._sites(view)
-        plan = EditPlan(self.name, notes=notes)
-        for site, region in usable:
-            absmax = stats[site.value].absmax.to(torch.float64).reshape(-1)
-            splits = choose_splits(absmax, self.config)
-            added = int(splits.sum()) - splits.numel()
-            if added == 0:
-                plan.notes.append(SiteNote(site.label, False, "no channel worth splitting within the budget"))
-                continue
-            index, scale = expansion(splits)
-            multiple = self.config.multiple_of or (
-                ctx.weights.group if ctx.weights and ctx.weights.group else 1
-            )
-            pad = (-index.numel()) % multiple
-            if pad:  # zero channels: the scaled constants emit 0 there, whatever the consumers read
-                index = torch.cat([index, torch.zeros(pad, dtype=torch.long)])
-                scale = torch.cat([scale, torch.zeros(pad, dtype=torch.float64)])
-            added = index.numel() - splits.numel()
-            values = tuple(dict.fromkeys(region.values))
-            unique = {c.name: (c, a) for c, a in region.repeat}
-            for name, (const, axis) in unique.items():
-                factors = scale if name in region.scaled else None
-                plan.edits.append(ExpandChannels(const, axis, index, factors, values, site=site.label))
-            for sink in site.sinks:
-                w = sink.weight
-                plan.edits.append(ExpandChannels(w.const, w.in_axis, index, None, values, site=site.label))
-            split = int((splits > 1).sum())
-            before = float(absmax.max())
-            after = float((absmax / splits).max())
-            plan.notes.append(
-                SiteNote(
-                    site.label,
-                    True,
-                    f"{split} outlier channels split into {int(splits[splits > 1].sum())} "
-                    f"(T up to {int(splits.max())}{f', {pad} zero channels' if pad else ''}); "
-                    f"width {splits.numel()} -> {splits.numel() + added} "
-                    f"(+{added}, no assembly: QLLM's merge is approximate); absmax {before:.3g} -> {after:.3g}",
-                )
-            )
-        return plan
+    def rewrite(
+        self, site: DisassembleSite, view: GraphView, stats: Stats, ctx: PassContext
+    ) -> Rewrite | str:
+        region, label = site.region, site.label
+        absmax = stats[site.site.value].absmax.to(torch.float64).reshape(-1)
+        splits = choose_splits(absmax, self.config)
+        added = int(splits.sum()) - splits.numel()
+        if added == 0:
+            return "no channel worth splitting within the budget"
+        index, scale = expansion(splits)
+        multiple = self.config.multiple_of or (ctx.weights.group if ctx.weights and ctx.weights.group else 1)
+        pad = (-index.numel()) % multiple
+        if pad:  # zero channels: the scaled constants emit 0 there, whatever the consumers read
+            index = torch.cat([index, torch.zeros(pad, dtype=torch.long)])
+            scale = torch.cat([scale, torch.zeros(pad, dtype=torch.float64)])
+        added = index.numel() - splits.numel()
+        values = tuple(dict.fromkeys(region.values))
+        unique = {c.name: (c, a) for c, a in region.repeat}
+        edits: list[Edit] = []
+        for name, (const, axis) in unique.items():
+            factors = scale if name in region.scaled else None
+            edits.append(ExpandChannels(const, axis, index, factors, values, site=label))
+        for sink in site.site.sinks:
+            w = sink.weight
+            edits.append(ExpandChannels(w.const, w.in_axis, index, None, values, site=label))
+        split = int((splits > 1).sum())
+        before, after = float(absmax.max()), float((absmax / splits).max())
+        detail = (
+            f"{split} outlier channels split into {int(splits[splits > 1].sum())} "
+            f"(T up to {int(splits.max())}{f', {pad} zero channels' if pad else ''}); "
+            f"width {splits.numel()} -> {splits.numel() + added} "
+            f"(+{added}, no assembly: QLLM's merge is approximate); absmax {before:.3g} -> {after:.3g}"
+        )
+        return Rewrite(edits, detail)

@@ -11,21 +11,22 @@ columns and
   SwiGLU product, a norm's gamma and beta), so the run-time op is the bare H (no sign multiply).
 Sites fed by a norm's gamma need norm fusion first and are skipped with that reason.
 
-`layout: residual` (QuaRot) first rotates the whole residual stream offline (passes/quarot.py),
+`layout: residual` (QuaRot) first rotates the whole residual stream offline
+(`qpass.graph.regions.residual`),
 then rotates the remaining sites as above (down_proj online, V -> o_proj per head).
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 
-from qpass.calibration import StatKind, StatRequest, Stats
-from qpass.graph.regions import Site, find_absorber, find_sites
-from qpass.graph.residual import plan_residual
-from qpass.graph.view import EditPlan, GraphView, InsertRotation, RotateChannels, ScaleChannels, SiteNote
+from qpass.calibration import StatKind, Stats
+from qpass.graph.regions.absorbers import find_absorber
+from qpass.graph.regions.residual import plan_residual
+from qpass.graph.regions.sites import Site, find_sites
+from qpass.graph.view import Edit, EditPlan, GraphView, InsertRotation, RotateChannels, ScaleChannels
 from qpass.math.duquant import duquant_matrix, duquant_rotation
 from qpass.math.hadamard import (
     hadamard_block_size,
@@ -35,23 +36,7 @@ from qpass.math.hadamard import (
     randomized_hadamard,
 )
 from qpass.math.rotation import klt_rotation, random_orthogonal
-from qpass.pass_base import PassContext, QPass
-
-
-class RotationKind(enum.Enum):
-    """Which orthogonal matrix."""
-
-    HADAMARD = "hadamard"  # randomized Hadamard H diag(s) applied as x diag(s) H (QuaRot)
-    RANDOM = "random"
-    KLT = "klt"  # eigenvectors of the calibrated channel covariance, times a Hadamard (MambaQuant)
-    DUQUANT = "duquant"  # greedy block rotations, zigzag permutation, block rotations (DuQuant)
-
-
-class RotationLayout(enum.Enum):
-    """Where rotations go."""
-
-    SITES = "sites"  # one rotation per linear input (offline into a producer linear, or online)
-    RESIDUAL = "residual"  # QuaRot: one Q through the whole residual stream, then the other sites
+from qpass.pass_base import PassContext, QPass, Rewrite, RotationKind, RotationLayout, SiteList, skipped_notes
 
 
 @dataclass(frozen=True)
@@ -74,15 +59,23 @@ def block_diagonal(block: torch.Tensor, width: int) -> torch.Tensor:
     return torch.block_diag(*([block] * (width // block.shape[0])))
 
 
-class Rotate(QPass):
-    """Offline rotation where a producer linear can absorb it, online elsewhere."""
+class Rotate(QPass[RotateConfig, Site]):
+    """Offline rotation where a producer linear can absorb it, online elsewhere.
+
+    `plan` is overridden for the residual layout only: one rotation shared by the whole residual
+    stream is planned first (a global step over all its writers and readers), then the other
+    sites go through check -> rewrite as usual.
+    """
 
     name = "rotate"
+    _carried: frozenset[str] | set[str] = frozenset()  # linear inputs carrying the stream's rotation
 
-    def stat_requests(self, view: GraphView, ctx: PassContext) -> list[StatRequest]:
+    def sites(self, view: GraphView, ctx: PassContext) -> SiteList[Site]:
+        return SiteList(*find_sites(view))
+
+    def stat_kinds(self, ctx: PassContext) -> frozenset[StatKind]:
         kinds = {RotationKind.KLT: {StatKind.XTX, StatKind.MOMENTS}, RotationKind.DUQUANT: {StatKind.RANGE}}
-        needed = kinds.get(self.config.kind)
-        return [StatRequest(site.value, frozenset(needed)) for site in find_sites(view)[0]] if needed else []
+        return frozenset(kinds.get(self.config.kind, ()))
 
     def _fixed_matrix(self, n: int) -> tuple[torch.Tensor, str]:
         """A calibration-free n x n rotation (Hadamard where one is known) and its construction."""
@@ -122,59 +115,63 @@ class Rotate(QPass):
         )
 
     def plan(self, view: GraphView, stats: Stats, ctx: PassContext) -> EditPlan:
-        sites, rejected = find_sites(view)
-        plan = EditPlan(self.name, notes=[SiteNote(label, False, reason) for label, reason in rejected])
-        covered: set[str] = set()
+        listed = self.sites(view, ctx)
+        plan = EditPlan(self.name, notes=skipped_notes(listed))
+        self._carried = frozenset()
         if self.config.layout is RotationLayout.RESIDUAL:
             stream = plan_residual(view, self._fixed_matrix)
             plan.edits += stream.edits
             plan.notes += stream.notes
-            covered = stream.covered
-        for site in sites:
-            if site.value.name in covered:
-                plan.notes.append(SiteNote(site.label, True, "carries the residual stream's rotation"))
-                continue
-            absorber = find_absorber(view, site.value, site.channels)
-            offline = not isinstance(absorber, str) and absorber.rotatable
-            if not offline and not self.config.online:
-                why = absorber if isinstance(absorber, str) else "producer scales channels (fuse norms first)"
-                plan.notes.append(SiteNote(site.label, False, f"offline rotation impossible: {why}"))
-                continue
-            period = absorber.period if offline else None
-            q, construction = self._matrix(period or site.channels, site, stats, period)
-            q = q.to(torch.float64)
-            full = block_diagonal(q, site.channels) if period else q
-            for sink in site.sinks:
-                plan.edits.append(
-                    RotateChannels(sink.weight.const, sink.weight.in_axis, full, site=site.label)
-                )
-            if offline:
-                for const, axis in absorber.targets:
-                    width = const.shape[axis]
-                    mat = block_diagonal(q, width) if period else q
-                    plan.edits.append(RotateChannels(const, axis, mat, site=site.label))
-                how = f"offline via {absorber.path}" + (f", per head of size {period}" if period else "")
-            else:
-                sink_ops = tuple(s.op for s in site.sinks)
-                signs, folded = None, ""
-                if self.config.kind is RotationKind.HADAMARD and has_hadamard(q.shape[0]):
-                    signs = random_signs(q.shape[0], self.config.seed)  # q == diag(signs) @ H
-                    if not isinstance(absorber, str) and absorber.period is None:
-                        # x diag(s) H: the ±1 signs go into the producer (exact), the op is H alone
-                        for const, axis in absorber.targets:
-                            plan.edits.append(ScaleChannels(const, axis, signs, site=site.label))
-                        q = q * signs[:, None]
-                        signs = torch.ones_like(signs)
-                        folded = f", signs folded into {absorber.path}"
-                plan.edits.append(
-                    InsertRotation(
-                        site.value, sink_ops, q.to(torch.float32), site=site.label, hadamard_signs=signs
-                    )
-                )
-                how = (
-                    f"online (inserted fast Hadamard transform{folded})"
-                    if signs is not None
-                    else "online (inserted x @ Q)"
-                )
-            plan.notes.append(SiteNote(site.label, True, f"{construction} ({q.shape[0]}x{q.shape[0]}) {how}"))
+            self._carried = stream.covered
+        self.plan_sites(plan, listed.found, view, stats, ctx)
         return plan
+
+    def check(self, site: Site, view: GraphView, stats: Stats, ctx: PassContext) -> str | None:
+        if site.value.name in self._carried or self.config.online:
+            return None
+        absorber = find_absorber(view, site.value, site.channels)
+        if not isinstance(absorber, str) and absorber.rotatable:
+            return None
+        why = absorber if isinstance(absorber, str) else "producer scales channels (fuse norms first)"
+        return f"offline rotation impossible: {why}"
+
+    def rewrite(self, site: Site, view: GraphView, stats: Stats, ctx: PassContext) -> Rewrite:
+        if site.value.name in self._carried:
+            return Rewrite([], "carries the residual stream's rotation")
+        absorber = find_absorber(view, site.value, site.channels)
+        offline = not isinstance(absorber, str) and absorber.rotatable
+        period = absorber.period if offline else None
+        q, construction = self._matrix(period or site.channels, site, stats, period)
+        q = q.to(torch.float64)
+        full = block_diagonal(q, site.channels) if period else q
+        edits: list[Edit] = [
+            RotateChannels(sink.weight.const, sink.weight.in_axis, full, site=site.label)
+            for sink in site.sinks
+        ]
+        if offline:
+            for const, axis in absorber.targets:
+                mat = block_diagonal(q, const.shape[axis]) if period else q
+                edits.append(RotateChannels(const, axis, mat, site=site.label))
+            how = f"offline via {absorber.path}" + (f", per head of size {period}" if period else "")
+        else:
+            sink_ops = tuple(s.op for s in site.sinks)
+            signs, folded = None, ""
+            if self.config.kind is RotationKind.HADAMARD and has_hadamard(q.shape[0]):
+                signs = random_signs(q.shape[0], self.config.seed)  # q == diag(signs) @ H
+                if not isinstance(absorber, str) and absorber.period is None:
+                    # x diag(s) H: the ±1 signs go into the producer (exact), the op is H alone
+                    edits += [ScaleChannels(c, axis, signs, site=site.label) for c, axis in absorber.targets]
+                    q = q * signs[:, None]
+                    signs = torch.ones_like(signs)
+                    folded = f", signs folded into {absorber.path}"
+            edits.append(
+                InsertRotation(
+                    site.value, sink_ops, q.to(torch.float32), site=site.label, hadamard_signs=signs
+                )
+            )
+            how = (
+                f"online (inserted fast Hadamard transform{folded})"
+                if signs is not None
+                else "online (inserted x @ Q)"
+            )
+        return Rewrite(edits, f"{construction} ({q.shape[0]}x{q.shape[0]}) {how}")

@@ -20,25 +20,16 @@ or an elementwise product there is none, and the site is scaled only, with that 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from qpass.calibration import ChannelStats, StatKind, StatRequest, Stats
+from qpass.calibration import ChannelStats, StatKind, Stats
 from qpass.errors import ConfigError
-from qpass.graph.regions import Absorber, Site, absorbable_sites, is_channel_vector
-from qpass.graph.view import (
-    AddBias,
-    ConstRef,
-    EditPlan,
-    GraphView,
-    OpKind,
-    OpRef,
-    ScaleChannels,
-    ShiftChannels,
-    SiteNote,
-)
-from qpass.pass_base import PassContext, QPass
-from qpass.passes.smooth import tile_to
+from qpass.graph.regions.absorbers import Migration, ShiftTarget, absorbable_sites, find_shift_target
+from qpass.graph.regions.migrate import bias_edits_last, scale_migration, tile_to
+from qpass.graph.view import AddBias, EditPlan, GraphView, ShiftChannels
+from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.qlinear import canonical_weight, quantized_output_error
 
@@ -98,135 +89,52 @@ def periodic_absmax(absmax: torch.Tensor, period: int | None) -> torch.Tensor:
     return absmax if period is None else absmax.view(-1, period).amax(0)
 
 
-# ------------------------------------------------------------------------------ shift targets
-@dataclass(frozen=True)
-class ShiftTarget:
-    """Where -z/s lands: an existing additive constant, or the bias of a producer linear."""
-
-    const: ConstRef | None = None
-    linear: OpRef | None = None
-
-
-def find_shift_target(view: GraphView, site: Site, absorber: Absorber) -> ShiftTarget | str:
-    """The additive constant right at the producer of the site's activation, or why there is none."""
-    if absorber.period is not None:
-        return "through attention only a scale is exact (a shift would need V's bias per head)"
-    op = view.producer(site.value)
-    while op is not None and op.kind is OpKind.CAST:
-        (src,) = view.value_operands(op)
-        op = view.producer(src)
-    if op is None:
-        return "activation is a graph input"
-    if op.kind in (OpKind.LAYER_NORM, OpKind.RMS_NORM):
-        params = view.norm_params(op)
-        if params is None or params.beta is None:
-            return f"{op.op_type} '{op.name}' has no beta to absorb the shift"
-        return ShiftTarget(const=params.beta)
-    if op.kind is OpKind.LINEAR and view.weight(op) is not None:
-        return ShiftTarget(linear=op)
-    if op.kind is OpKind.ADD:
-        const_act = view.constant_operand(op)
-        if const_act is not None and is_channel_vector(const_act[0], site.channels):
-            return ShiftTarget(const=const_act[0])
-    return f"producer {op.op_type} '{op.name}' has no additive constant to absorb the shift"
-
-
 # ------------------------------------------------------------------------------ the passes
-class _ShiftScale(QPass):
-    """Shared plan: per site, choose (z, s), then emit the producer and consumer edits."""
+class _ShiftScale(QPass[Any, Migration]):
+    """Shared rewrite: per site, choose (z, s), then emit the producer and consumer edits."""
 
     shift_enabled: bool
 
-    def _sites(self, view: GraphView) -> tuple[list[tuple[Site, Absorber]], list[SiteNote]]:
-        usable, rejected = absorbable_sites(view)
-        return usable, [SiteNote(label, False, reason) for label, reason in rejected]
+    def sites(self, view: GraphView, ctx: PassContext) -> SiteList[Migration]:
+        return SiteList(*absorbable_sites(view))
 
-    def _stat_kinds(self) -> frozenset[StatKind]:
+    def stat_kinds(self, ctx: PassContext) -> frozenset[StatKind]:
         return frozenset({StatKind.RANGE})
 
-    def stat_requests(self, view: GraphView, ctx: PassContext) -> list[StatRequest]:
-        usable, _ = self._sites(view)
-        return [StatRequest(site.value, self._stat_kinds()) for site, _ in usable]
-
-    def _scales(
-        self,
-        st: ChannelStats,
-        z: torch.Tensor,
-        weights: list[torch.Tensor],
-        period: int | None,
-        ctx: PassContext,
-    ) -> tuple[torch.Tensor, str]:
+    def _scales(self, st: ChannelStats, z, weights, period, ctx) -> tuple[torch.Tensor, str]:
+        """(s, report detail) for a site whose activation is shifted by z."""
         raise NotImplementedError
 
+    def rewrite(self, site: Migration, view: GraphView, stats: Stats, ctx: PassContext) -> Rewrite:
+        st = stats[site.site.value]
+        target: ShiftTarget | str = "shifting is off"
+        if self.shift_enabled:
+            target = find_shift_target(view, site.site, site.absorber)
+        shifted = isinstance(target, ShiftTarget)
+        z = channel_shift(st) if shifted else torch.zeros(st.channels)
+        weights = [canonical_weight(view.read(s.weight.const), s.weight) for s in site.site.sinks]
+        s, detail = self._scales(st, z, weights, site.absorber.period, ctx)
+        edits = scale_migration(site, s)
+        shift_note = f"no shift ({target})"
+        if shifted:  # after the scaling: the producer emits (x - z) / s
+            z64 = z.to(torch.float64)
+            for sink, w in zip(site.site.sinks, weights, strict=True):
+                edits.append(AddBias(sink.op, (w.to(torch.float64) @ z64).float(), site=site.label))
+            if target.const is not None:
+                delta = -(z / tile_to(s, site.site.channels))
+                edits.append(ShiftChannels(target.const, delta.reshape(target.const.shape), site=site.label))
+            else:  # in input units: the row scaling divides it by s like the weight rows
+                edits.append(AddBias(target.linear, -z, site=site.label))
+            shift_note = f"shift |z| max {float(z.abs().max()):.3g}"
+        ratio = float(st.absmax.max() / st.absmax.median().clamp_min(1e-12))
+        note = f"{shift_note}; {detail}; outlier ratio {ratio:.1f}x, via {site.absorber.path}"
+        return Rewrite(edits, note)
+
     def plan(self, view: GraphView, stats: Stats, ctx: PassContext) -> EditPlan:
-        usable, notes = self._sites(view)
-        plan = EditPlan(self.name, notes=notes)
-        for site, absorber in usable:
-            st = stats[site.value]
-            target: ShiftTarget | str = "shifting is off"
-            if self.shift_enabled:
-                target = find_shift_target(view, site, absorber)
-            z = channel_shift(st) if isinstance(target, ShiftTarget) else torch.zeros(st.channels)
-            weights = [canonical_weight(view.read(s.weight.const), s.weight) for s in site.sinks]
-            s, detail = self._scales(st, z, weights, absorber.period, ctx)
-            s_full = tile_to(s, site.channels)
-            for sink, w in zip(site.sinks, weights, strict=True):
-                plan.edits.append(
-                    ScaleChannels(sink.weight.const, sink.weight.in_axis, s_full, site=site.label)
-                )
-                if isinstance(target, ShiftTarget):
-                    plan.edits.append(
-                        AddBias(sink.op, (w.to(torch.float64) @ z.to(torch.float64)).float(), site=site.label)
-                    )
-            for const, axis in absorber.targets:
-                plan.edits.append(
-                    ScaleChannels(const, axis, 1.0 / tile_to(s, const.shape[axis]), site=site.label)
-                )
-            if isinstance(target, ShiftTarget):  # after the scaling: the producer emits (x - z) / s
-                delta = -(z / s_full)
-                if target.const is not None:
-                    plan.edits.append(
-                        ShiftChannels(target.const, delta.reshape(target.const.shape), site=site.label)
-                    )
-                else:  # in input units: the row scaling below divides it by s like the weight rows
-                    plan.edits.append(AddBias(target.linear, -z, site=site.label))
-                shift_note = f"shift |z| max {float(z.abs().max()):.3g}"
-            else:
-                shift_note = f"no shift ({target})"
-            ratio = float(st.absmax.max() / st.absmax.median().clamp_min(1e-12))
-            plan.notes.append(
-                SiteNote(
-                    site.label,
-                    True,
-                    f"{shift_note}; {detail}; outlier ratio {ratio:.1f}x, via {absorber.path}",
-                )
-            )
-        plan.edits = _bias_edits_last(view, plan.edits)
+        """The default plan, then every added bias after all scalings (see `bias_edits_last`)."""
+        plan = super().plan(view, stats, ctx)
+        plan.edits = bias_edits_last(view, plan.edits)
         return plan
-
-
-def _bias_edits_last(view: GraphView, edits: list) -> list:
-    """AddBias edits moved after every scaling, each delta times its linear's output-row factors.
-
-    A bias belongs to the linear's output rows: another site's absorber may scale those rows
-    (and an existing bias) by 1/s; a bias added (or created) afterwards must carry the same
-    factors, b' = (b + d) * f = b * f + d * f, whatever the order of the sites.
-    """
-    adds = [e for e in edits if isinstance(e, AddBias)]
-    rest = [e for e in edits if not isinstance(e, AddBias)]
-    fixed = []
-    for e in adds:
-        ref = view.weight(e.op)
-        f = torch.ones(ref.out_features, dtype=torch.float64)
-        for o in rest:
-            if (
-                isinstance(o, ScaleChannels)
-                and o.const == ref.const
-                and o.axis % len(ref.const.shape) == ref.out_axis
-            ):
-                f = f * o.factors.to(torch.float64).reshape(-1)
-        fixed.append(AddBias(e.op, (e.delta.to(torch.float64) * f).to(torch.float32), site=e.site))
-    return rest + fixed
 
 
 class OutlierSuppressionPlus(_ShiftScale):
@@ -238,21 +146,14 @@ class OutlierSuppressionPlus(_ShiftScale):
         super().__init__(config)
         self.shift_enabled = config.shift
 
-    def _stat_kinds(self) -> frozenset[StatKind]:
+    def stat_kinds(self, ctx: PassContext) -> frozenset[StatKind]:
         return (
             frozenset({StatKind.RANGE, StatKind.SAMPLES})
             if self.config.scale
             else frozenset({StatKind.RANGE})
         )
 
-    def _scales(
-        self,
-        st: ChannelStats,
-        z: torch.Tensor,
-        weights: list[torch.Tensor],
-        period: int | None,
-        ctx: PassContext,
-    ) -> tuple[torch.Tensor, str]:
+    def _scales(self, st: ChannelStats, z, weights, period, ctx) -> tuple[torch.Tensor, str]:
         cfg = self.config
         a = periodic_absmax(shifted_absmax(st, z), period)
         if not cfg.scale:
@@ -299,14 +200,7 @@ class OutlierTune(_ShiftScale):
         super().__init__(config)
         self.shift_enabled = config.symmetrize
 
-    def _scales(
-        self,
-        st: ChannelStats,
-        z: torch.Tensor,
-        weights: list[torch.Tensor],
-        period: int | None,
-        ctx: PassContext,
-    ) -> tuple[torch.Tensor, str]:
+    def _scales(self, st: ChannelStats, z, weights, period, ctx) -> tuple[torch.Tensor, str]:
         a = periodic_absmax(shifted_absmax(st, z), period)
         s = equalizing_scales(a, self.config.min_scale)
         return s, f"ranges equalised (scales {float(s.min()):.3g}..{float(s.max()):.3g})"

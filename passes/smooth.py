@@ -14,11 +14,12 @@ from typing import Literal
 
 import torch
 
-from qpass.calibration import StatKind, StatRequest, Stats
+from qpass.calibration import StatKind, Stats
 from qpass.errors import ConfigError
-from qpass.graph.regions import Absorber, Site, absorbable_sites
-from qpass.graph.view import EditPlan, GraphView, ScaleChannels, SiteNote
-from qpass.pass_base import PassContext, QPass
+from qpass.graph.regions.absorbers import Migration, absorbable_sites
+from qpass.graph.regions.migrate import scale_migration, tile_to
+from qpass.graph.view import GraphView
+from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
 from qpass.quant.qlinear import canonical_weight, quantized_output_error
 
 
@@ -61,57 +62,30 @@ def periodic_scales(
     )
 
 
-def tile_to(s: torch.Tensor, width: int) -> torch.Tensor:
-    """A periodic factor vector repeated to `width` channels."""
-    return s if s.numel() == width else s.repeat(width // s.numel())
-
-
-class SmoothQuant(QPass):
+class SmoothQuant(QPass[SmoothQuantConfig, Migration]):
     """Migrate activation outliers into the weights, per site, exactly."""
 
     name = "smooth_quant"
 
-    def _sites(self, view: GraphView) -> tuple[list[tuple[Site, Absorber]], list[SiteNote]]:
-        usable, rejected = absorbable_sites(view)
-        return usable, [SiteNote(label, False, reason) for label, reason in rejected]
+    def sites(self, view: GraphView, ctx: PassContext) -> SiteList[Migration]:
+        return SiteList(*absorbable_sites(view))
 
-    def stat_requests(self, view: GraphView, ctx: PassContext) -> list[StatRequest]:
-        kinds = {StatKind.RANGE}
-        if self.config.alpha == "auto":
-            kinds.add(StatKind.SAMPLES)
-        usable, _ = self._sites(view)
-        return [StatRequest(site.value, frozenset(kinds)) for site, _ in usable]
+    def stat_kinds(self, ctx: PassContext) -> frozenset[StatKind]:
+        auto = self.config.alpha == "auto"
+        return frozenset({StatKind.RANGE, StatKind.SAMPLES} if auto else {StatKind.RANGE})
 
-    def plan(self, view: GraphView, stats: Stats, ctx: PassContext) -> EditPlan:
-        usable, notes = self._sites(view)
-        plan = EditPlan(self.name, notes=notes)
-        for site, absorber in usable:
-            st = stats[site.value]
-            weights = [canonical_weight(view.read(s.weight.const), s.weight) for s in site.sinks]
-            w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-            period = absorber.period
-            alpha, detail = self._choose_alpha(st, weights, w_absmax, period, ctx)
-            s = periodic_scales(st.absmax, w_absmax, alpha, self.config.min_scale, period)
-            for sink in site.sinks:
-                plan.edits.append(
-                    ScaleChannels(
-                        sink.weight.const, sink.weight.in_axis, tile_to(s, site.channels), site=site.label
-                    )
-                )
-            for const, axis in absorber.targets:
-                factors = 1.0 / tile_to(s, const.shape[axis])
-                plan.edits.append(ScaleChannels(const, axis, factors, site=site.label))
-            if period:
-                detail += f", shared across heads of size {period}"
-            ratio = float(st.absmax.max() / st.absmax.median().clamp_min(1e-12))
-            plan.notes.append(
-                SiteNote(
-                    site.label,
-                    True,
-                    f"alpha={alpha:g}{detail}, outlier ratio {ratio:.1f}x, via {absorber.path}",
-                )
-            )
-        return plan
+    def rewrite(self, site: Migration, view: GraphView, stats: Stats, ctx: PassContext) -> Rewrite:
+        st = stats[site.site.value]
+        weights = [canonical_weight(view.read(s.weight.const), s.weight) for s in site.site.sinks]
+        w_absmax = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+        period = site.absorber.period
+        alpha, detail = self._choose_alpha(st, weights, w_absmax, period, ctx)
+        s = periodic_scales(st.absmax, w_absmax, alpha, self.config.min_scale, period)
+        if period:
+            detail += f", shared across heads of size {period}"
+        ratio = float(st.absmax.max() / st.absmax.median().clamp_min(1e-12))
+        note = f"alpha={alpha:g}{detail}, outlier ratio {ratio:.1f}x, via {site.absorber.path}"
+        return Rewrite(scale_migration(site, s), note)
 
     def _choose_alpha(
         self, st, weights: list[torch.Tensor], w_absmax: torch.Tensor, period: int | None, ctx: PassContext

@@ -21,8 +21,8 @@ import torch
 
 from qpass.calibration import Stats
 from qpass.errors import ConfigError
-from qpass.graph.view import EditPlan, GraphView, OpKind, SiteNote, SplitOp, iter_linear_ops
-from qpass.pass_base import PassContext, QPass
+from qpass.graph.view import GraphView, OpKind, OpRef, SplitOp, iter_linear_ops
+from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
 from qpass.quant.qlinear import canonical_weight
 
 
@@ -79,49 +79,42 @@ def split_weight(w: torch.Tensor, k: int, iters: int) -> tuple[list[torch.Tensor
     return [torch.where(labels == i, w, torch.zeros_like(w)) for i in range(k)], centroids
 
 
-class SplitQuant(QPass):
+class SplitQuant(QPass[SplitQuantConfig, OpRef]):
     """Replace each linear by k weight-cluster parts summed (exact in FP)."""
 
     name = "split_quant"
 
-    def plan(self, view: GraphView, stats: Stats, ctx: PassContext) -> EditPlan:
-        cfg = self.config
-        plan = EditPlan(self.name)
+    def sites(self, view: GraphView, ctx: PassContext) -> SiteList[OpRef]:
         ops = [op for op in iter_linear_ops(view) if op.kind is OpKind.LINEAR]
-        if cfg.skip_last and ops:
-            plan.notes.append(SiteNote(ops[-1].name, False, "last linear kept whole (skip_last)"))
-            ops = ops[:-1]
-        for op in ops:
-            ref = view.weight(op)
-            users = view.const_users(ref.const)
-            if users != 1:
-                plan.notes.append(
-                    SiteNote(op.name, False, f"weight '{ref.const.name}' is shared by {users} ops")
-                )
-                continue
-            if view.shape(view.linear_input(op)) is None:  # the summed parts need the input's rank
-                plan.notes.append(SiteNote(op.name, False, "input has no known shape (rank) to split over"))
-                continue
-            if ref.in_features < cfg.min_in_features:
-                plan.notes.append(
-                    SiteNote(op.name, False, f"{ref.in_features} input features < min_in_features")
-                )
-                continue
-            w = canonical_weight(view.read(ref.const), ref).to(torch.float32)
-            parts, centroids = split_weight(w, cfg.parts, cfg.iters)
-            if sum(bool(p.any()) for p in parts) < 2:
-                plan.notes.append(SiteNote(op.name, False, "weights form a single cluster"))
-                continue
-            bias = view.read(ref.bias).to(torch.float32) if ref.bias is not None else None
-            biases = tuple(bias if i == cfg.parts // 2 else None for i in range(cfg.parts))
-            plan.edits.append(SplitOp(op, tuple(parts), biases, site=op.name))
-            ranges = ", ".join(f"{float(p[p != 0].abs().max()) if p.any() else 0.0:.3g}" for p in parts)
-            plan.notes.append(
-                SiteNote(
-                    op.name,
-                    True,
-                    f"{cfg.parts} parts, centroids {[round(float(c), 4) for c in centroids]}, "
-                    f"part absmax {ranges} (whole {float(w.abs().max()):.3g})",
-                )
-            )
-        return plan
+        if self.config.skip_last and ops:
+            return SiteList(ops[:-1], [(ops[-1].name, "last linear kept whole (skip_last)")])
+        return SiteList(ops)
+
+    def label(self, site: OpRef) -> str:
+        return site.name
+
+    def check(self, site: OpRef, view: GraphView, stats: Stats, ctx: PassContext) -> str | None:
+        ref = view.weight(site)
+        users = view.const_users(ref.const)
+        if users != 1:
+            return f"weight '{ref.const.name}' is shared by {users} ops"
+        if view.shape(view.linear_input(site)) is None:  # the summed parts need the input's rank
+            return "input has no known shape (rank) to split over"
+        if ref.in_features < self.config.min_in_features:
+            return f"{ref.in_features} input features < min_in_features"
+        return None
+
+    def rewrite(self, site: OpRef, view: GraphView, stats: Stats, ctx: PassContext) -> Rewrite | str:
+        cfg, ref = self.config, view.weight(site)
+        w = canonical_weight(view.read(ref.const), ref).to(torch.float32)
+        parts, centroids = split_weight(w, cfg.parts, cfg.iters)
+        if sum(bool(p.any()) for p in parts) < 2:
+            return "weights form a single cluster"
+        bias = view.read(ref.bias).to(torch.float32) if ref.bias is not None else None
+        biases = tuple(bias if i == cfg.parts // 2 else None for i in range(cfg.parts))
+        ranges = ", ".join(f"{float(p[p != 0].abs().max()) if p.any() else 0.0:.3g}" for p in parts)
+        detail = (
+            f"{cfg.parts} parts, centroids {[round(float(c), 4) for c in centroids]}, "
+            f"part absmax {ranges} (whole {float(w.abs().max()):.3g})"
+        )
+        return Rewrite([SplitOp(site, tuple(parts), biases, site=site.name)], detail)

@@ -1,5 +1,8 @@
 """Runs a recipe's passes in order; in verify mode checks each equivalent pass numerically.
 
+Before running, the passes' declared requirements are checked (`check_pass_order`): a pass
+that must run last, and the quantization formats a pass needs downstream.
+
 Verification runs a calibration sample before and after the pass and compares every graph
 output by max relative error (max |after - before| / max |before|). A pass that breaks
 equivalence is an error naming the pass; when its edits only touch constants, the graph is
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 
 from qpass.calibration import Stats, calibrate
-from qpass.errors import PassError
+from qpass.errors import ConfigError, PassError
 from qpass.graph.view import CONSTANT_EDITS, ConstRef, EditPlan, GraphView
 from qpass.pass_base import PassContext, QPass
 
@@ -132,6 +135,18 @@ def _first_failing_site(view, plan, snapshot, sample, before, tolerance) -> tupl
     return None, 0.0
 
 
+def check_pass_order(passes: Sequence[QPass], ctx: PassContext) -> None:
+    """Enforce what each pass declares: `must_run_last`, then its `check_formats` (a `ConfigError`)."""
+    for index, p in enumerate(passes):
+        if p.must_run_last and index != len(passes) - 1:
+            msg = (
+                f"recipe key 'passes[{index}]': {p.name} must be the last pass ({p.last_reason}); "
+                f"found '{passes[index + 1].name}' after it"
+            )
+            raise ConfigError(msg)
+        p.check_formats(ctx.weights, ctx.activations)
+
+
 def run_passes(
     view: GraphView,
     passes: Sequence[QPass],
@@ -141,6 +156,7 @@ def run_passes(
     verify: bool = True,
     tolerance: float = 1e-4,
 ) -> PassReport:
+    check_pass_order(passes, ctx)
     report = PassReport()
     for p in passes:
         report.results.append(run_pass(view, p, batches, ctx, verify=verify, tolerance=tolerance))

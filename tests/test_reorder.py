@@ -201,7 +201,7 @@ def test_reordering_lowers_block_error(wide_llama, fmt, gain, key):
     block = get_format(fmt).group_size
     view = FxGraphView(clone_graph_module(capture(model, batches[0])))
     pss = Reorder(ReorderConfig(block=block, key=key))
-    sites, _ = pss._sites(view)
+    sites = pss.sites(view, PassContext()).found
     values = [s.value for s in sites]
     assert len(values) == 6
     before = view.observe(values, batches[-1])
@@ -285,7 +285,7 @@ def test_per_head_permutations_cluster_each_heads_outliers(backend, tmp_path):
         view = case.view(backend, tmp_path)
         batches = case.batches_for(backend)
         pss = Reorder(ReorderConfig(block=8, linear_inputs=False, per_head=per_head))
-        values = [s.value for s in pss._sites(view)[0]]
+        values = [s.value for s in pss.sites(view, PassContext()).found]
         ref = view.run(batches[-1])
         result = run_pass(view, pss, batches, PassContext(), verify=True)
         assert max_relative_error(ref, view.run(batches[-1])) <= 1e-4

@@ -123,7 +123,7 @@ class _BrokenSmooth(QPass):
 
     def plan(self, view, stats, ctx):
         sq = SmoothQuant(SmoothQuantConfig())
-        (site, _), *_ = sq._sites(view)[0]
+        site = sq.sites(view, ctx).found[0].site
         sink = site.sinks[0]
         factors = torch.full((site.channels,), 2.0)
         return EditPlan(

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qpass.graph.regions import find_absorber, is_channel_vector
+from qpass.graph.regions.absorbers import find_absorber
+from qpass.graph.regions.sites import is_channel_vector, last_dim
 from qpass.graph.view import (
     ConstRef,
     Edit,
@@ -71,11 +72,6 @@ class _Norm:
     gamma: ConstRef | None  # a per-channel gamma that is not uniform (prevents commuting)
 
 
-def _last_dim(view: GraphView, value: ValueRef) -> int | None:
-    shape = view.shape(value)
-    return shape[-1] if shape and isinstance(shape[-1], int) else None
-
-
 def _residual_add(view: GraphView, op: OpRef) -> int | None:
     """Width of a residual Add (two different activations, same static last dim), else None."""
     if op.kind is not OpKind.ADD or any(isinstance(i, ConstRef) for i in view.op_inputs(op)):
@@ -83,7 +79,7 @@ def _residual_add(view: GraphView, op: OpRef) -> int | None:
     acts = view.value_operands(op)
     if len(acts) != 2 or acts[0] == acts[1]:
         return None
-    dims = {_last_dim(view, v) for v in (*acts, view.op_output(op))}
+    dims = {last_dim(view, v) for v in (*acts, view.op_output(op))}
     ranks = {len(view.shape(v) or ()) for v in (*acts, view.op_output(op))}
     if len(dims) != 1 or None in dims or len(ranks) != 1 or ranks == {1}:
         return None
@@ -108,7 +104,7 @@ def _components(view: GraphView) -> list[_Component]:
             if not _only_one_act(view, op):
                 continue
             (src,) = view.value_operands(op)
-            if _last_dim(view, src) is None or _last_dim(view, src) != _last_dim(view, out):
+            if last_dim(view, src) is None or last_dim(view, src) != last_dim(view, out):
                 continue
             casts.add(op.name)
             operands = [src]
@@ -186,7 +182,7 @@ def _rms_norm_at(view: GraphView, value: ValueRef, mul: OpRef, width: int) -> _N
     readers = [mul]
     current, reduced = scale, False
     while True:
-        if _last_dim(view, current) != 1 and not reduced:
+        if last_dim(view, current) != 1 and not reduced:
             return f"{mul.op_type} '{mul.name}': the multiplier is not one value per row"
         users = [c for c in view.consumers(current) if c.kind is not OpKind.SHAPE_OF]
         if len(users) != 1:
@@ -203,7 +199,7 @@ def _rms_norm_at(view: GraphView, value: ValueRef, mul: OpRef, width: int) -> _N
             readers.append(op)
             out, gamma = _after_gamma(view, view.op_output(mul), width)
             return _Norm(tuple(readers), out, layer_norm=False, gamma=gamma)
-        if _last_dim(view, src) == width and _last_dim(view, current) == 1:
+        if last_dim(view, src) == width and last_dim(view, current) == 1:
             if op.op_type not in _MEAN_OPS:
                 return f"{op.op_type} '{op.name}' reduces the channels but is not a mean or sum"
             reduced = True

@@ -1,36 +1,30 @@
-"""Smoothing sites found from graph structure: an activation, the linears reading it, and the
-constants upstream that can absorb a per-channel factor exactly.
+"""Absorbers: the constants upstream of a site's activation that can take a per-channel factor
+exactly (a norm's gamma and beta, a producer linear's output rows and bias, one branch of an
+elementwise product, V's projection through attention), and the producer's additive constant
+or norm parameters found the same way.
 
 Shared by every pass that migrates a per-channel factor across an activation (smoothing,
-shifting, and later rotation/reordering). No per-architecture name tables.
+AWQ, shifting, rotation, reordering, norm fusion). No per-architecture name tables.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qpass.graph.view import ConstRef, GraphView, OpKind, OpRef, ValueRef, WeightRef, iter_linear_ops
-
-
-@dataclass(frozen=True)
-class Sink:
-    """A linear reading the site's activation; its weight's input channels take the factor."""
-
-    op: OpRef
-    weight: WeightRef
-
-
-@dataclass(frozen=True)
-class Site:
-    """An activation whose every consumer is a linear with a constant weight."""
-
-    value: ValueRef
-    channels: int
-    sinks: tuple[Sink, ...]
-
-    @property
-    def label(self) -> str:
-        return f"{self.value.name} -> {', '.join(s.op.name for s in self.sinks)}"
+from qpass.graph.regions.sites import (
+    HEAD_LAYOUT,
+    LAYOUT,
+    NORMS,
+    OnSite,
+    Site,
+    find_sites,
+    is_channel_vector,
+    last_dim,
+    linear_rows,
+    producer_past_casts,
+    shared_constant,
+)
+from qpass.graph.view import ConstRef, GraphView, OpKind, OpRef, ValueRef
 
 
 @dataclass(frozen=True)
@@ -48,38 +42,14 @@ class Absorber:
     rotatable: bool = False  # only linear maps on the way (no norm gamma, no elementwise product)
 
 
-def find_sites(view: GraphView) -> tuple[list[Site], list[tuple[str, str]]]:
-    """Group linears by input activation. Returns the sites and (site, reason) for rejected ones."""
-    by_value: dict[str, list[OpRef]] = {}
-    for op in iter_linear_ops(view):
-        if op.kind is OpKind.LINEAR:
-            by_value.setdefault(view.linear_input(op).name, []).append(op)
-    sites, rejected = [], []
-    for name, ops in by_value.items():
-        value = ValueRef(name)
-        others = [c for c in view.consumers(value) if c.name not in {o.name for o in ops}]
-        label = f"{name} -> {', '.join(o.name for o in ops)}"
-        others = [c for c in others if c.kind is not OpKind.SHAPE_OF]  # reads the shape only
-        if others:
-            rejected.append(
-                (label, f"activation also feeds {others[0].op_type} '{others[0].name}' (not a linear)")
-            )
-            continue
-        sinks = tuple(Sink(op, w) for op in ops if (w := view.weight(op)) is not None)
-        tied = [s for s in sinks if view.const_users(s.weight.const) != 1]
-        if tied:
-            users = view.const_users(tied[0].weight.const)
-            rejected.append((label, f"weight '{tied[0].weight.const.name}' is shared by {users} ops (tied)"))
-            continue
-        widths = {s.weight.in_features for s in sinks}
-        if len(widths) != 1:
-            rejected.append((label, f"linears disagree on input width {sorted(widths)}"))
-            continue
-        sites.append(Site(value, widths.pop(), sinks))
-    return sites, rejected
+@dataclass(frozen=True)
+class Migration(OnSite):
+    """A site and the absorber that takes the inverse of whatever factor its sinks take."""
+
+    absorber: Absorber
 
 
-def absorbable_sites(view: GraphView) -> tuple[list[tuple[Site, Absorber]], list[tuple[str, str]]]:
+def absorbable_sites(view: GraphView) -> tuple[list[Migration], list[tuple[str, str]]]:
     """Sites whose activation an upstream absorber can take a per-channel factor for, with (site,
     reason) for the rest: what every scale/shift migration (smoothing, AWQ, OS+) starts from.
     """
@@ -90,7 +60,7 @@ def absorbable_sites(view: GraphView) -> tuple[list[tuple[Site, Absorber]], list
         if isinstance(absorber, str):
             rejected.append((site.label, absorber))
         else:
-            usable.append((site, absorber))
+            usable.append(Migration(site, absorber))
     return usable, rejected
 
 
@@ -108,7 +78,7 @@ def find_absorber(view: GraphView, value: ValueRef, channels: int) -> Absorber |
         if op is None:
             return f"'{current.name}' is a graph input"
         path.append(f"{op.op_type} '{op.name}'")
-        if op.kind in (OpKind.LAYER_NORM, OpKind.RMS_NORM):
+        if op.kind in NORMS:
             params = view.norm_params(op)
             if params is None or params.gamma is None:
                 return f"{op.op_type} '{op.name}' has no per-channel scale (gamma)"
@@ -116,14 +86,12 @@ def find_absorber(view: GraphView, value: ValueRef, channels: int) -> Absorber |
             linear_only = False
             break
         if op.kind is OpKind.LINEAR:
-            weight = view.weight(op)
-            if weight is None or weight.out_features != channels:
-                return f"{op.op_type} '{op.name}' output width does not match {channels} channels"
-            targets.append((weight.const, weight.out_axis))
-            if weight.bias is not None and all(
-                weight.bias != c for c, _ in targets
-            ):  # ONNX: its Add seen first
-                targets.append((weight.bias, 0))
+            rows = linear_rows(view, op, channels)
+            if isinstance(rows, str):
+                return rows
+            targets += [
+                r for r in rows if all(r[0] != c for c, _ in targets)
+            ]  # ONNX: its bias Add seen first
             break
         if op.kind in (OpKind.MUL, OpKind.ADD):
             const_act = view.constant_operand(op)
@@ -158,7 +126,7 @@ def find_absorber(view: GraphView, value: ValueRef, channels: int) -> Absorber |
             if len(acts) != 1:
                 return f"{op.op_type} '{op.name}' is not a plain cast"
             current = acts[0]
-        elif op.kind in _HEAD_LAYOUT:
+        elif op.kind in HEAD_LAYOUT:
             found = _through_attention(view, current, channels)
             if isinstance(found, Absorber) and targets:  # bias adds before the attention path
                 found = Absorber(
@@ -173,15 +141,6 @@ def find_absorber(view: GraphView, value: ValueRef, channels: int) -> Absorber |
         if len(view.consumers(current)) != 1 or view.is_graph_output(current):
             return f"intermediate '{current.name}' feeds other ops"
     return _checked(view, Absorber(tuple(targets), " <- ".join(path), rotatable=linear_only))
-
-
-_HEAD_LAYOUT = (OpKind.RESHAPE, OpKind.TRANSPOSE, OpKind.EXPAND)
-_LAYOUT = (*_HEAD_LAYOUT, OpKind.CAST)
-
-
-def _last_dim(view: GraphView, value: ValueRef) -> int | None:
-    shape = view.shape(value)
-    return shape[-1] if shape and isinstance(shape[-1], int) else None
 
 
 def _through_attention(view: GraphView, value: ValueRef, channels: int) -> Absorber | str:
@@ -199,7 +158,7 @@ def _through_attention(view: GraphView, value: ValueRef, channels: int) -> Absor
             return f"'{current.name}' is a graph input"
         path.append(f"{op.op_type} '{op.name}'")
         operands = view.value_operands(op)
-        if op.kind in _LAYOUT and operands:
+        if op.kind in LAYOUT and operands:
             current = operands[0]
         elif op.kind is OpKind.ATTENTION and mixed is None and len(operands) >= 3:
             mixed, current = op, operands[2]
@@ -211,7 +170,7 @@ def _through_attention(view: GraphView, value: ValueRef, channels: int) -> Absor
             return f"producer {op.op_type} '{op.name}' is not per-channel affine"
         if len(view.consumers(current)) != 1 or view.is_graph_output(current):
             return f"intermediate '{current.name}' feeds other ops"
-        width = _last_dim(view, current)
+        width = last_dim(view, current)
         if width is None:
             return f"'{current.name}' has no static channel width"
         widths.append(width)
@@ -219,7 +178,7 @@ def _through_attention(view: GraphView, value: ValueRef, channels: int) -> Absor
             head = width
     if mixed is None:
         return "no attention on the path"
-    v_width = _last_dim(view, current)
+    v_width = last_dim(view, current)
     if (
         v_width is None
         or v_width % head
@@ -233,20 +192,63 @@ def _through_attention(view: GraphView, value: ValueRef, channels: int) -> Absor
     return Absorber(inner.targets, " <- ".join([*path, inner.path]), period=head, rotatable=inner.rotatable)
 
 
-def is_channel_vector(const: ConstRef, channels: int) -> bool:
-    if not const.shape or const.shape[-1] != channels:
-        return False
-    size = 1
-    for d in const.shape:
-        size *= d
-    return size == channels
-
-
 def _checked(view: GraphView, absorber: Absorber | str) -> Absorber | str:
     if isinstance(absorber, str):
         return absorber
-    for const, _ in absorber.targets:
-        users = view.const_users(const)
-        if users != 1:
-            return f"constant '{const.name}' is shared by {users} ops"
-    return absorber
+    return shared_constant(view, (c for c, _ in absorber.targets)) or absorber
+
+
+# ------------------------------------------------------------------------------ at the producer
+@dataclass(frozen=True)
+class ShiftTarget:
+    """Where a shift -z/s lands: an existing additive constant, or the bias of a producer linear."""
+
+    const: ConstRef | None = None
+    linear: OpRef | None = None
+
+
+def _producer(view: GraphView, site: Site, param: str, lacks: str) -> tuple[OpRef, ConstRef | None] | str:
+    """The producer of the site's activation past casts and, if it is a norm, its `param`
+    (gamma | beta), or why there is none.
+    """
+    op = producer_past_casts(view, site.value)
+    if op is None:
+        return "activation is a graph input"
+    if op.kind not in NORMS:
+        return op, None
+    params = view.norm_params(op)
+    const = getattr(params, param) if params is not None else None
+    return (op, const) if const is not None else f"{op.op_type} '{op.name}' has no {lacks}"
+
+
+def find_shift_target(view: GraphView, site: Site, absorber: Absorber) -> ShiftTarget | str:
+    """The additive constant right at the producer of the site's activation, or why there is none."""
+    if absorber.period is not None:
+        return "through attention only a scale is exact (a shift would need V's bias per head)"
+    found = _producer(view, site, "beta", "beta to absorb the shift")
+    if isinstance(found, str):
+        return found
+    op, beta = found
+    if beta is not None:
+        return ShiftTarget(const=beta)
+    if op.kind is OpKind.LINEAR and view.weight(op) is not None:
+        return ShiftTarget(linear=op)
+    if op.kind is OpKind.ADD:
+        const_act = view.constant_operand(op)
+        if const_act is not None and is_channel_vector(const_act[0], site.channels):
+            return ShiftTarget(const=const_act[0])
+    return f"producer {op.op_type} '{op.name}' has no additive constant to absorb the shift"
+
+
+def norm_constants(view: GraphView, site: Site) -> tuple[ConstRef, ConstRef | None] | str:
+    """(gamma, beta) of the per-channel affine producer of the site's activation, or why not."""
+    found = _producer(view, site, "gamma", "per-channel gamma")
+    if isinstance(found, str):
+        return found
+    op, gamma = found
+    if gamma is not None:
+        return gamma, view.norm_params(op).beta
+    const_act = view.constant_operand(op) if op.kind is OpKind.MUL else None
+    if const_act is None or not is_channel_vector(const_act[0], site.channels):
+        return f"producer {op.op_type} '{op.name}' is not a norm or a per-channel scale"
+    return const_act[0], None
