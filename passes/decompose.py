@@ -34,15 +34,9 @@ import torch
 
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
-from qpass.graph.view import (
-    EditPlan,
-    GraphView,
-    KeepFloatChannels,
-    OpKind,
-    OpRef,
-    SiteNote,
-    iter_linear_ops,
-)
+from qpass.graph.edits import EditPlan, KeepFloatChannels, SiteNote
+from qpass.graph.refs import OpKind, OpRef
+from qpass.graph.view import GraphView, iter_linear_ops
 from qpass.pass_base import PassContext, QPass
 from qpass.quant.decompose import check_formats
 

@@ -36,16 +36,10 @@ import torch
 
 from qpass.calibration import StatRequest, Stats
 from qpass.errors import ConfigError
+from qpass.graph.edits import EditPlan, ExpandChannels, SiteNote
+from qpass.graph.refs import ConstRef, OpKind, ValueRef
 from qpass.graph.regions import find_sites, is_channel_vector
-from qpass.graph.view import (
-    ConstRef,
-    EditPlan,
-    ExpandChannels,
-    GraphView,
-    OpKind,
-    SiteNote,
-    ValueRef,
-)
+from qpass.graph.view import GraphView
 from qpass.pass_base import PassContext, QPass
 
 

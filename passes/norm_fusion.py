@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from qpass.calibration import Stats
+from qpass.graph.edits import EditPlan, ScaleChannels, ShiftChannels, SiteNote
+from qpass.graph.refs import ConstRef, OpKind
 from qpass.graph.regions import Site, find_sites, is_channel_vector
-from qpass.graph.view import ConstRef, EditPlan, GraphView, OpKind, ScaleChannels, ShiftChannels, SiteNote
+from qpass.graph.view import GraphView
 from qpass.pass_base import PassContext, QPass
 from qpass.quant.qlinear import canonical_weight
 

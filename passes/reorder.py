@@ -34,18 +34,10 @@ import torch
 
 from qpass.calibration import ChannelStats, StatKind, StatRequest, Stats
 from qpass.errors import ConfigError, PassError
+from qpass.graph.edits import EditPlan, PermuteChannels, SiteNote
+from qpass.graph.refs import ConstRef, OpKind, OpRef, ValueRef, WeightRef
 from qpass.graph.regions import Absorber, Site, find_absorber, find_sites, is_channel_vector
-from qpass.graph.view import (
-    ConstRef,
-    EditPlan,
-    GraphView,
-    OpKind,
-    OpRef,
-    PermuteChannels,
-    SiteNote,
-    ValueRef,
-    WeightRef,
-)
+from qpass.graph.view import GraphView
 from qpass.pass_base import PassContext, QPass
 
 

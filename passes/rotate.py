@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from qpass.calibration import StatKind, StatRequest, Stats
+from qpass.graph.edits import EditPlan, InsertRotation, RotateChannels, ScaleChannels, SiteNote
 from qpass.graph.regions import Site, find_absorber, find_sites
 from qpass.graph.residual import plan_residual
-from qpass.graph.view import EditPlan, GraphView, InsertRotation, RotateChannels, ScaleChannels, SiteNote
+from qpass.graph.view import GraphView
 from qpass.math.duquant import duquant_matrix, duquant_rotation
 from qpass.math.hadamard import (
     hadamard_block_size,

@@ -25,18 +25,10 @@ import torch
 
 from qpass.calibration import ChannelStats, StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
+from qpass.graph.edits import AddBias, EditPlan, ScaleChannels, ShiftChannels, SiteNote
+from qpass.graph.refs import ConstRef, OpKind, OpRef
 from qpass.graph.regions import Absorber, Site, absorbable_sites, is_channel_vector
-from qpass.graph.view import (
-    AddBias,
-    ConstRef,
-    EditPlan,
-    GraphView,
-    OpKind,
-    OpRef,
-    ScaleChannels,
-    ShiftChannels,
-    SiteNote,
-)
+from qpass.graph.view import GraphView
 from qpass.pass_base import PassContext, QPass
 from qpass.passes.smooth import tile_to
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig

@@ -16,8 +16,9 @@ import torch
 
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
+from qpass.graph.edits import EditPlan, ScaleChannels, SiteNote
 from qpass.graph.regions import Absorber, Site, absorbable_sites
-from qpass.graph.view import EditPlan, GraphView, ScaleChannels, SiteNote
+from qpass.graph.view import GraphView
 from qpass.pass_base import PassContext, QPass
 from qpass.quant.qlinear import canonical_weight, quantized_output_error
 

@@ -21,7 +21,9 @@ import torch
 
 from qpass.calibration import Stats
 from qpass.errors import ConfigError
-from qpass.graph.view import EditPlan, GraphView, OpKind, SiteNote, SplitOp, iter_linear_ops
+from qpass.graph.edits import EditPlan, SiteNote, SplitOp
+from qpass.graph.refs import OpKind
+from qpass.graph.view import GraphView, iter_linear_ops
 from qpass.pass_base import PassContext, QPass
 from qpass.quant.qlinear import canonical_weight
 

@@ -325,7 +325,7 @@ def _save_torch(result: Any, example: Any, out: Path, console: _Console) -> None
     """The quantized GraphModule re-exported and saved with torch.export, and its recipe beside it."""
     import torch
 
-    from qpass.graph.fx import _all_dims_auto, split_batch
+    from qpass.graph.fx_capture import _all_dims_auto, split_batch
 
     args, kwargs = split_batch(example)
     try:  # dims the model leaves free stay dynamic, as in capture; else the example's shapes

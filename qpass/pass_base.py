@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from qpass.calibration import StatRequest, Stats
-from qpass.graph.view import EditPlan, GraphView
+from qpass.graph.edits import EditPlan
+from qpass.graph.view import GraphView
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qpass.graph.view import ConstRef, GraphView, OpKind, OpRef, ValueRef, WeightRef, iter_linear_ops
+from qpass.graph.refs import ConstRef, OpKind, OpRef, ValueRef, WeightRef
+from qpass.graph.view import GraphView, iter_linear_ops
 
 
 @dataclass(frozen=True)

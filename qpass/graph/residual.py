@@ -24,18 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qpass.graph.edits import Edit, InsertRotation, RotateChannels, SiteNote
+from qpass.graph.refs import ConstRef, OpKind, OpRef, ValueRef
 from qpass.graph.regions import find_absorber, is_channel_vector
-from qpass.graph.view import (
-    ConstRef,
-    Edit,
-    GraphView,
-    InsertRotation,
-    OpKind,
-    OpRef,
-    RotateChannels,
-    SiteNote,
-    ValueRef,
-)
+from qpass.graph.view import GraphView
 
 MatrixFn = Callable[[int], tuple[torch.Tensor, str]]
 
