@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from models import TinyBert, TinyLlama, bert_inputs, llama_inputs, massive_channel_outliers  # noqa: E402
 
 import qpass  # noqa: E402
-from qpass.graph.fx import FxGraphView, capture, clone_graph_module  # noqa: E402
+from qpass.graph.fx import FxGraphView  # noqa: E402
+from qpass.graph.fx_capture import capture, clone_graph_module  # noqa: E402
 from qpass.graph.regions import find_sites  # noqa: E402
 from qpass.pass_base import PassContext  # noqa: E402
 from qpass.pass_manager import run_pass  # noqa: E402

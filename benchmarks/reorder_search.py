@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reorder_split import OUTLIER_RATIO, RESULTS, _consumer_matrices, synthetic  # noqa: E402
 
 from qpass.formats import fake_quantize, get_format  # noqa: E402
-from qpass.graph.fx import FxGraphView, capture, clone_graph_module  # noqa: E402
+from qpass.graph.fx import FxGraphView  # noqa: E402
+from qpass.graph.fx_capture import capture, clone_graph_module  # noqa: E402
 from qpass.pass_base import PassContext  # noqa: E402
 from qpass.passes.reorder import Reorder, ReorderConfig, sort_permutation  # noqa: E402
 

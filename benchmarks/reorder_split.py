@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from models import TinyBert, TinyLlama, bert_inputs, llama_inputs, massive_channel_outliers  # noqa: E402
 
 from qpass.formats import fake_quantize, get_format  # noqa: E402
-from qpass.graph.fx import FxGraphView, capture, clone_graph_module  # noqa: E402
+from qpass.graph.fx import FxGraphView  # noqa: E402
+from qpass.graph.fx_capture import capture, clone_graph_module  # noqa: E402
 from qpass.pass_base import PassContext  # noqa: E402
 from qpass.pass_manager import run_pass  # noqa: E402
 from qpass.passes.reorder import Reorder, ReorderConfig, ReorderKey, ReorderMethod  # noqa: E402

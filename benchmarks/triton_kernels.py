@@ -28,7 +28,7 @@ import torch
 
 import qpass
 from qpass import zoo
-from qpass.graph.fx import clone_graph_module
+from qpass.graph.fx_capture import clone_graph_module
 from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
 OUT = Path(__file__).parent / "results"

@@ -19,10 +19,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from models import TinyLlama, inject_outliers, llama_inputs  # noqa: E402 - the test suite's small LLaMA
 
-from qpass.graph.fx import FxGraphView, capture  # noqa: E402
-from qpass.graph.onnx import OnnxGraphView, load_model  # noqa: E402
+from qpass.graph.edits import ScaleChannels  # noqa: E402
+from qpass.graph.fx import FxGraphView  # noqa: E402
+from qpass.graph.fx_capture import capture  # noqa: E402
+from qpass.graph.onnx import OnnxGraphView  # noqa: E402
+from qpass.graph.onnx_load import load_model  # noqa: E402
 from qpass.graph.regions import Site, find_absorber, find_sites  # noqa: E402
-from qpass.graph.view import ScaleChannels  # noqa: E402
 from qpass.pass_base import PassContext, QPass, Rewrite, SiteList  # noqa: E402
 from qpass.pass_manager import run_pass  # noqa: E402
 

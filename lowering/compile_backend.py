@@ -106,7 +106,8 @@ def freeze_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tupl
 def quantize_graph(gm: fx.GraphModule, inputs: Sequence[Any], opts: BackendOptions) -> fx.GraphModule:
     """Run the recipe through qpass's one pipeline on a frozen dynamo graph."""
     from qpass.api import quantize_with_report
-    from qpass.graph.fx import FxGraphView, capture
+    from qpass.graph.fx import FxGraphView
+    from qpass.graph.fx_capture import capture
 
     # torch.export marks dynamic dims on the tensors it traces; dynamo's own inputs must keep theirs
     example = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)

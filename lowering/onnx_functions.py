@@ -41,7 +41,7 @@ import onnx_ir as ir
 import torch
 
 from qpass.graph.onnx import KIND_KEY
-from qpass.graph.view import OpKind
+from qpass.graph.refs import OpKind
 from qpass.math.hadamard import hadamard
 from qpass.qconfig import RotationOp
 

@@ -33,7 +33,7 @@ import torch
 
 from qpass.errors import UnsupportedOpError
 from qpass.graph.onnx import OnnxGraphView
-from qpass.graph.view import OpRef
+from qpass.graph.refs import OpRef
 from qpass.lowering.onnx_block_formats import block_fake_quant, lower_block_weight
 from qpass.lowering.weight_packing import (
     PackedNBits,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from qpass.formats import ScaleType
 from qpass.graph.fx import FxGraphView
-from qpass.graph.view import OpRef
+from qpass.graph.refs import OpRef
 from qpass.qconfig import ActGranularity
 from qpass.quant.qlinear import QLinear, QuantPlan, canonical_weight, dequantize_weight, fake_quant_act
 

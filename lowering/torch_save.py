@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from qpass.errors import ConfigError, ModelLoadError
-from qpass.graph.fx import _all_dims_auto, split_batch
+from qpass.graph.fx_capture import _all_dims_auto, split_batch
 from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 from qpass.recipe import Recipe
 

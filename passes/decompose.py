@@ -34,7 +34,9 @@ import torch
 
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.errors import ConfigError
-from qpass.graph.view import GraphView, KeepFloatChannels, OpKind, OpRef, iter_linear_ops
+from qpass.graph.edits import KeepFloatChannels
+from qpass.graph.refs import OpKind, OpRef
+from qpass.graph.view import GraphView, iter_linear_ops
 from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
 from qpass.pass_manager import check_pass_order
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig

@@ -35,9 +35,10 @@ import torch
 
 from qpass.calibration import StatRequest, Stats
 from qpass.errors import ConfigError
+from qpass.graph.edits import Edit, ExpandChannels
 from qpass.graph.regions.expand import ExpansionRegion, expansion_site
 from qpass.graph.regions.sites import OnSite, find_sites
-from qpass.graph.view import Edit, ExpandChannels, GraphView
+from qpass.graph.view import GraphView
 from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from qpass.calibration import Stats
+from qpass.graph.edits import Edit, ScaleChannels, ShiftChannels
 from qpass.graph.regions.absorbers import norm_constants
 from qpass.graph.regions.sites import Site, find_sites
-from qpass.graph.view import Edit, GraphView, ScaleChannels, ShiftChannels
+from qpass.graph.view import GraphView
 from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
 from qpass.quant.qlinear import canonical_weight
 

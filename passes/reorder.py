@@ -33,9 +33,10 @@ import torch
 
 from qpass.calibration import ChannelStats, StatKind, Stats
 from qpass.errors import ConfigError, PassError
+from qpass.graph.edits import PermuteChannels
 from qpass.graph.regions.permute import PermutableSite, k_cache_sites, linear_input_site
 from qpass.graph.regions.sites import find_sites
-from qpass.graph.view import GraphView, PermuteChannels
+from qpass.graph.view import GraphView
 from qpass.pass_base import PassContext, QPass, ReorderKey, ReorderMethod, Rewrite, SiteList
 from qpass.quant.qlinear import canonical_weight
 

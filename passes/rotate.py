@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from qpass.calibration import StatKind, Stats
+from qpass.graph.edits import Edit, EditPlan, InsertRotation, RotateChannels, ScaleChannels
 from qpass.graph.regions.absorbers import find_absorber
 from qpass.graph.regions.residual import plan_residual
 from qpass.graph.regions.sites import Site, find_sites
-from qpass.graph.view import Edit, EditPlan, GraphView, InsertRotation, RotateChannels, ScaleChannels
+from qpass.graph.view import GraphView
 from qpass.math.duquant import duquant_matrix, duquant_rotation
 from qpass.math.hadamard import (
     hadamard_block_size,

@@ -26,9 +26,10 @@ import torch
 
 from qpass.calibration import ChannelStats, StatKind, Stats
 from qpass.errors import ConfigError
+from qpass.graph.edits import AddBias, EditPlan, ShiftChannels
 from qpass.graph.regions.absorbers import Migration, ShiftTarget, absorbable_sites, find_shift_target
 from qpass.graph.regions.migrate import bias_edits_last, scale_migration, tile_to
-from qpass.graph.view import AddBias, EditPlan, GraphView, ShiftChannels
+from qpass.graph.view import GraphView
 from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.qlinear import canonical_weight, quantized_output_error

@@ -21,7 +21,9 @@ import torch
 
 from qpass.calibration import Stats
 from qpass.errors import ConfigError
-from qpass.graph.view import GraphView, OpKind, OpRef, SplitOp, iter_linear_ops
+from qpass.graph.edits import SplitOp
+from qpass.graph.refs import OpKind, OpRef
+from qpass.graph.view import GraphView, iter_linear_ops
 from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
 from qpass.quant.qlinear import canonical_weight
 

@@ -15,8 +15,10 @@ import torch
 from qpass.calibration import calibrate
 from qpass.data import onnx_batches, torch_batches
 from qpass.errors import ConfigError
-from qpass.graph.fx import FxGraphView, capture, clone_graph_module
-from qpass.graph.onnx import OnnxGraphView, load_model
+from qpass.graph.fx import FxGraphView
+from qpass.graph.fx_capture import capture, clone_graph_module
+from qpass.graph.onnx import OnnxGraphView
+from qpass.graph.onnx_load import load_model
 from qpass.graph.view import GraphView
 from qpass.io import check_output_path, save_onnx
 from qpass.pass_base import PassContext

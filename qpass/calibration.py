@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from qpass.errors import CalibrationError
-from qpass.graph.view import GraphView, ValueRef
+from qpass.graph.refs import ValueRef
+from qpass.graph.view import GraphView
 from qpass.io import atomic_path
 
 

@@ -129,7 +129,7 @@ def save_torch(result: QuantizeResult, example: Any, out: Path, console: Console
     """The quantized GraphModule re-exported and saved with torch.export, and its recipe beside it."""
     import torch
 
-    from qpass.graph.fx import _all_dims_auto, split_batch
+    from qpass.graph.fx_capture import _all_dims_auto, split_batch
 
     args, kwargs = split_batch(example)
     try:  # dims the model leaves free stay dynamic, as in capture; else the example's shapes

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from qpass.calibration import StatKind, StatRequest, Stats
-from qpass.graph.view import Edit, EditPlan, GraphView, SiteNote
+from qpass.graph.edits import Edit, EditPlan, SiteNote
+from qpass.graph.view import GraphView
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 
 ConfigT = TypeVar("ConfigT")

@@ -20,7 +20,9 @@ import torch
 
 from qpass.calibration import Stats, calibrate
 from qpass.errors import ConfigError, PassError
-from qpass.graph.view import CONSTANT_EDITS, ConstRef, EditPlan, GraphView
+from qpass.graph.edits import CONSTANT_EDITS, EditPlan
+from qpass.graph.refs import ConstRef
+from qpass.graph.view import GraphView
 from qpass.pass_base import PassContext, QPass
 
 log = logging.getLogger("qpass")

@@ -27,8 +27,10 @@ if not torch.cuda.is_available():  # Triton kernels reach CPU tensors only throu
 
 from models import TinyBert, TinyLlama, bert_inputs, inject_outliers, llama_inputs  # noqa: E402
 
-from qpass.graph.fx import FxGraphView, capture, clone_graph_module  # noqa: E402
-from qpass.graph.onnx import OnnxGraphView, load_model  # noqa: E402
+from qpass.graph.fx import FxGraphView  # noqa: E402
+from qpass.graph.fx_capture import capture, clone_graph_module  # noqa: E402
+from qpass.graph.onnx import OnnxGraphView  # noqa: E402
+from qpass.graph.onnx_load import load_model  # noqa: E402
 
 torch.manual_seed(0)
 

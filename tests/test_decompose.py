@@ -19,7 +19,7 @@ from models import TinyOpt, inject_stream_outliers, opt_inputs
 import qpass
 from qpass import zoo
 from qpass.errors import ConfigError, PassError
-from qpass.graph.view import KeepFloatChannels
+from qpass.graph.edits import KeepFloatChannels
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
 from qpass.passes.decompose import Int8Decompose, Int8DecomposeConfig, select_channels

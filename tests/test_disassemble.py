@@ -135,8 +135,10 @@ def test_minilm_has_no_foldable_site_and_stays_exact(tmp_path):
     attention, so nothing is split, each skip says why, and the function is untouched.
     """
     from qpass import zoo
-    from qpass.graph.fx import FxGraphView, capture, clone_graph_module
-    from qpass.graph.onnx import OnnxGraphView, load_model
+    from qpass.graph.fx import FxGraphView
+    from qpass.graph.fx_capture import capture, clone_graph_module
+    from qpass.graph.onnx import OnnxGraphView
+    from qpass.graph.onnx_load import load_model
 
     embedder, tok = zoo.load_minilm_embedder()
     batches = zoo.minilm_batches(tok, zoo.sentences("calib", 8), batch_size=4, max_len=32)

@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 from random_graphs import build, example_batches, export_onnx, graph_specs
 
 from qpass.errors import ConfigError
-from qpass.graph.fx import FxGraphView, capture, clone_graph_module
-from qpass.graph.onnx import OnnxGraphView, load_model
+from qpass.graph.fx import FxGraphView
+from qpass.graph.fx_capture import capture, clone_graph_module
+from qpass.graph.onnx import OnnxGraphView
+from qpass.graph.onnx_load import load_model
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpass.graph.view import AddBias, EditPlan, OpKind, ScaleChannels, iter_linear_ops
+from qpass.graph.edits import AddBias, EditPlan, ScaleChannels
+from qpass.graph.refs import OpKind
+from qpass.graph.view import iter_linear_ops
 from qpass.quant.qlinear import canonical_weight
 
 
@@ -128,7 +130,7 @@ def test_permute_edit_then_read_back_and_restore(llama_case, backend, onnx_dir):
     permutation is refused by name; folded into producer rows and consumer columns it is exact.
     """
     from qpass.errors import PassError
-    from qpass.graph.view import CONSTANT_EDITS, PermuteChannels
+    from qpass.graph.edits import CONSTANT_EDITS, PermuteChannels
 
     assert PermuteChannels in CONSTANT_EDITS
     view = llama_case.view(backend, onnx_dir)
@@ -146,7 +148,7 @@ def test_split_op_sums_parts(bert_case, backend, onnx_dir):
     """SplitOp: a linear (with bias) becomes one linear over the concatenated parts, an
     unflatten and a sum, on both graph kinds; the function is unchanged when the parts sum to W.
     """
-    from qpass.graph.view import SplitOp
+    from qpass.graph.edits import SplitOp
 
     view = bert_case.view(backend, onnx_dir)
     batch = bert_case.batches_for(backend)[0]

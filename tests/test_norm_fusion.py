@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qpass.graph.view import OpKind
+from qpass.graph.refs import OpKind
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
 from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig

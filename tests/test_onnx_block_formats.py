@@ -263,7 +263,8 @@ def test_scales_without_a_byte_form_stay_float32(fmt):
     """
     import dataclasses
 
-    from qpass.graph.onnx import OnnxGraphView, load_model
+    from qpass.graph.onnx import OnnxGraphView
+    from qpass.graph.onnx_load import load_model
     from qpass.lowering.onnx_finalize import finalize_onnx
     from qpass.qconfig import WeightQuantConfig
     from qpass.quant.qlinear import QuantPlan, plan_quantization

@@ -16,7 +16,7 @@ from models import (
     stream_outlier_inputs,
 )
 
-from qpass.graph.view import OpKind
+from qpass.graph.refs import OpKind
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
 from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig
@@ -161,7 +161,8 @@ def test_w4a4_error_at_least_5x_lower_with_massive_channels(family, backend, tmp
 def test_smollm2_quarot_is_exact_and_handles_the_tied_embedding():
     """Real SmolLM2-135M (torch): 576 = 36 x 16 and 1536 = 12 x 128 Hadamards, tied lm_head."""
     from qpass import zoo
-    from qpass.graph.fx import FxGraphView, capture, clone_graph_module
+    from qpass.graph.fx import FxGraphView
+    from qpass.graph.fx_capture import capture, clone_graph_module
 
     model, tok = zoo.load_smollm2()
     rows = zoo.packed_token_rows(tok, "calib", 32, 2)

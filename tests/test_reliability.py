@@ -33,7 +33,7 @@ import qpass.recipe
 from qpass.api import quantize_file, quantize_with_report
 from qpass.calibration import Stats
 from qpass.errors import CalibrationError, ConfigError, ModelLoadError, OutputPathError
-from qpass.graph.onnx import load_model
+from qpass.graph.onnx_load import load_model
 
 PASSES_ONLY = {"passes": [{"fuse_norms": {}}]}  # an equivalent transform, FP model out
 

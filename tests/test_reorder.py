@@ -195,7 +195,8 @@ def test_reordering_lowers_block_error(wide_llama, fmt, gain, key):
     """Block-quantization MSE of every reordered value (linear inputs, K) drops; the whole
     benchmark with measured ratios is benchmarks/reorder_split.py.
     """
-    from qpass.graph.fx import FxGraphView, capture, clone_graph_module
+    from qpass.graph.fx import FxGraphView
+    from qpass.graph.fx_capture import capture, clone_graph_module
 
     model, batches = wide_llama
     block = get_format(fmt).group_size
@@ -232,8 +233,10 @@ def test_reorder_is_exact_on_minilm_fx_and_onnx(tmp_path):
     blocks, and every head site for BFP blocks of 8; FP outputs unchanged, no op added.
     """
     from qpass import zoo
-    from qpass.graph.fx import FxGraphView, capture, clone_graph_module
-    from qpass.graph.onnx import OnnxGraphView, load_model
+    from qpass.graph.fx import FxGraphView
+    from qpass.graph.fx_capture import capture, clone_graph_module
+    from qpass.graph.onnx import OnnxGraphView
+    from qpass.graph.onnx_load import load_model
 
     embedder, tok = zoo.load_minilm_embedder()
     batches = zoo.minilm_batches(tok, zoo.sentences("calib", 16), batch_size=8, max_len=32)

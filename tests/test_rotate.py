@@ -11,7 +11,8 @@ import torch
 
 import qpass
 from qpass.calibration import StatKind, StatRequest, calibrate
-from qpass.graph.view import OpKind, iter_linear_ops
+from qpass.graph.refs import OpKind
+from qpass.graph.view import iter_linear_ops
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error, run_pass
 from qpass.passes.rotate import Rotate, RotateConfig, RotationKind, block_diagonal

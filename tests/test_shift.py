@@ -10,7 +10,7 @@ import torch
 import qpass
 from qpass.calibration import calibrate
 from qpass.errors import ConfigError
-from qpass.graph.view import AddBias, ShiftChannels
+from qpass.graph.edits import AddBias, ShiftChannels
 from qpass.pass_base import PassContext
 from qpass.pass_manager import max_relative_error
 from qpass.passes.shift import (

@@ -11,7 +11,7 @@ import torch
 import qpass
 from qpass.calibration import calibrate
 from qpass.errors import ConfigError, PassError
-from qpass.graph.view import EditPlan, ScaleChannels
+from qpass.graph.edits import EditPlan, ScaleChannels
 from qpass.pass_base import PassContext, QPass
 from qpass.pass_manager import max_relative_error, run_pass
 from qpass.passes.smooth import SmoothQuant, SmoothQuantConfig, smoothing_scales

@@ -18,8 +18,10 @@ from qpass.api import quantize_with_report
 from qpass.calibration import StatKind, StatRequest, calibrate
 from qpass.config import from_mapping
 from qpass.errors import ConfigError
-from qpass.graph.fx import FxGraphView, capture, clone_graph_module
-from qpass.graph.view import OpKind, iter_linear_ops
+from qpass.graph.fx import FxGraphView
+from qpass.graph.fx_capture import capture, clone_graph_module
+from qpass.graph.refs import OpKind
+from qpass.graph.view import iter_linear_ops
 from qpass.lowering.torch_corrections import CorrectedQuantLinear
 from qpass.qconfig import WeightQuantConfig
 from qpass.quant.allocation import storage_bits

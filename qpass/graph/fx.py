@@ -1,14 +1,13 @@
-"""torch.fx adapter of `GraphView`: models captured with torch.export, run as GraphModules.
+"""torch.fx adapter of `GraphView`: an unlifted torch.export GraphModule, read, run and edited in place.
 
-The only module (with lowering/torch_backend.py) that knows FX. Parameters are `get_attr`
-nodes of the unlifted module (`ExportedProgram.module()`); constants are named by target.
+With `fx_capture` (which produces the GraphModule) and lowering/torch_backend.py, the only code
+that knows FX. Parameters are `get_attr` nodes of the unlifted module (`ExportedProgram.module()`);
+constants are named by target.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -16,76 +15,11 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 import qpass.math.hadamard_op  # noqa: F401 - defines torch.ops.qpass.hadamard_transform (online rotations)
-from qpass.errors import ModelLoadError
+from qpass.graph.edits import ExpandChannels, InsertRotation, SplitOp
+from qpass.graph.fx_capture import Batch, split_batch
 from qpass.graph.optable import aten_kind
-from qpass.graph.view import (
-    ALL_KINDS,
-    ConstRef,
-    ExpandChannels,
-    GraphView,
-    InsertRotation,
-    NormParams,
-    OpKind,
-    OpRef,
-    SplitOp,
-    ValueRef,
-    WeightRef,
-)
-
-Batch = Any  # a tuple of positional args, a dict of keyword args, or one tensor
-
-
-def split_batch(batch: Batch) -> tuple[tuple, dict]:
-    """Normalise a torch calibration batch to (args, kwargs)."""
-    if isinstance(batch, Mapping):
-        return (), dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    return (batch,), {}
-
-
-def _all_dims_auto(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Dynamic-shape spec leaving every tensor dim to torch.export (Dim.AUTO), keyed by argument name."""
-
-    def spec(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return dict.fromkeys(range(x.dim()), torch.export.Dim.AUTO)
-        return None
-
-    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-    return {name: pytree.tree_map(spec, value) for name, value in bound.items()}
-
-
-def capture(model: torch.nn.Module | torch.export.ExportedProgram, example: Batch = None) -> fx.GraphModule:
-    """torch.export a module (dims left dynamic where the model allows) and return its unlifted GraphModule."""
-    if isinstance(model, torch.export.ExportedProgram):
-        return model.module()
-    if isinstance(model, fx.GraphModule) and _is_captured(model):
-        return model
-    if example is None:
-        msg = "capturing an nn.Module needs example inputs (pass example_inputs= or calibration batches)"
-        raise ModelLoadError(msg)
-    args, kwargs = split_batch(example)
-    model.eval()
-    try:
-        # dims the model leaves free stay dynamic, so other batch/sequence sizes run too
-        ep = torch.export.export(
-            model, args, kwargs, dynamic_shapes=_all_dims_auto(model, args, kwargs), strict=False
-        )
-    except Exception:  # noqa: BLE001 - some models only export with static shapes
-        try:
-            ep = torch.export.export(model, args, kwargs, strict=False)
-        except Exception as exc:  # torch.export raises many types; name the model and the cause
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            msg = f"torch.export failed for {type(model).__name__}: {type(exc).__name__}: {first}"
-            raise ModelLoadError(msg) from exc
-    gm = ep.module()
-    gm.meta["qpass_captured"] = True
-    return gm
-
-
-def _is_captured(gm: fx.GraphModule) -> bool:
-    return bool(gm.meta.get("qpass_captured"))
+from qpass.graph.refs import ALL_KINDS, ConstRef, NormParams, OpKind, OpRef, ValueRef, WeightRef
+from qpass.graph.view import GraphView
 
 
 def _with_last_dim(val: torch.Tensor, width: int) -> torch.Tensor | None:
@@ -426,10 +360,3 @@ class FxGraphView(GraphView):
                 graph.erase_node(attr)
         self.dirty = True
 
-
-
-def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """An independent copy, so the caller's model is never modified."""
-    new = copy.deepcopy(gm)
-    new.meta.update(gm.meta)
-    return new

@@ -1,15 +1,13 @@
-"""ONNX adapter of `GraphView` over an onnx-ir model, executed with ONNX Runtime.
+"""ONNX adapter of `GraphView` over an onnx-ir model (edited in place).
 
-The only module (with lowering/onnxruntime.py) that knows ONNX. Constants are initializers
-(Constant nodes are lifted to initializers on load); values and nodes get unique names.
+With `onnx_load` (reading models), `onnx_run` (ONNX Runtime) and lowering/onnxruntime.py, the
+only code that knows ONNX. Constants are initializers (Constant nodes are lifted to initializers
+when the view is built); values and nodes get unique names.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,100 +15,12 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from qpass import io as qio
-from qpass.errors import CalibrationError, ModelLoadError, PassError, UnsupportedOpError
+from qpass.errors import PassError
+from qpass.graph.edits import ExpandChannels, InsertRotation, SplitOp
+from qpass.graph.onnx_run import is_lazy, ort_session, run_session
 from qpass.graph.optable import onnx_kind
-from qpass.graph.view import (
-    ALL_KINDS,
-    ConstRef,
-    ExpandChannels,
-    GraphView,
-    InsertRotation,
-    NormParams,
-    OpKind,
-    OpRef,
-    SplitOp,
-    ValueRef,
-    WeightRef,
-)
-
-
-def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
-    """Load an ONNX model (path or proto) into onnx-ir, with a clear error for bad files. Never writes."""
-    if isinstance(source, ir.Model):
-        return source
-    if isinstance(source, onnx.ModelProto):
-        proto = source
-        origin = "<ModelProto>"
-    else:
-        path = Path(source)
-        origin = str(path)
-        if not path.is_file():
-            msg = f"{path}: no such ONNX file"
-            raise ModelLoadError(msg)
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # protobuf raises DecodeError and friends
-            msg = f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})"
-            raise ModelLoadError(msg) from exc
-        if _external_tensors(proto):
-            return _load_external(path, proto)
-    try:
-        onnx.checker.check_model(proto, full_check=False)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        msg = f"{origin}: fails the ONNX checker: {first}"
-        raise ModelLoadError(msg) from exc
-    if not proto.graph.node:
-        msg = f"{origin}: the ONNX graph has no nodes"
-        raise ModelLoadError(msg)
-    return ir.serde.deserialize_model(proto)
-
-
-def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-
-
-def _load_external(path: Path, proto: onnx.ModelProto) -> ir.Model:
-    """A model whose weights live in external data files: checked by path (no 2 GiB limit), every
-    data file checked to exist inside the model's folder and to be long enough. Weights stay
-    memory-mapped (onnx-ir reads them lazily) when the model is big; small ones are read in.
-    """
-    folder = path.parent.resolve()
-    files: set[str] = set()
-    for tensor in _external_tensors(proto):
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        data = (folder / location).resolve()
-        if not location or Path(location).is_absolute() or folder not in data.parents:
-            msg = f"{path}: initializer '{tensor.name}' points outside the model's folder ('{location}')"
-            raise ModelLoadError(msg)
-        if not data.is_file():
-            msg = f"{path}: initializer '{tensor.name}' reads missing external data file '{location}'"
-            raise ModelLoadError(msg)
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if end > data.stat().st_size:
-            msg = f"{path}: external data file '{location}' is truncated ('{tensor.name}' ends at byte {end})"
-            raise ModelLoadError(msg)
-        files.add(str(data))
-    try:
-        onnx.checker.check_model(str(path), full_check=False)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        msg = f"{path}: fails the ONNX checker: {first}"
-        raise ModelLoadError(msg) from exc
-    if not proto.graph.node:
-        msg = f"{path}: the ONNX graph has no nodes"
-        raise ModelLoadError(msg)
-    model = ir.serde.deserialize_model(proto)
-    ir.external_data.set_base_dir(model.graph, folder)
-    total = sum(
-        int({e.key: e.value for e in t.external_data}.get("length", 0)) for t in _external_tensors(proto)
-    )
-    if total <= qio.EXTERNAL_DATA_THRESHOLD:
-        model = ir.external_data.load_to_model(model)
-    model.meta[qio.EXTERNAL_KEY] = sorted(files)
-    return model
+from qpass.graph.refs import ALL_KINDS, ConstRef, NormParams, OpKind, OpRef, ValueRef, WeightRef
+from qpass.graph.view import GraphView
 
 
 def _lift_constants(graph: ir.Graph) -> None:
@@ -321,90 +231,22 @@ class OnnxGraphView(GraphView):
         return ir.serde.serialize_model(self.model)
 
     def _session(self, extra_outputs: tuple[str, ...] = ()) -> Any:
-        import onnxruntime as ort
-
         sess = self._session_cache.get(extra_outputs)
         if sess is None:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            try:
-                if self._is_lazy():
-                    self._session_cache.clear()  # one ORT copy of a big model at a time
-                    sess = self._session_from_files(extra_outputs, opts)
-                else:
-                    proto = self.to_proto()
-                    existing = {o.name for o in proto.graph.output}
-                    for name in extra_outputs:
-                        if name not in existing:
-                            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-                    sess = ort.InferenceSession(
-                        proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-                    )
-            except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-                raise self._runtime_error(exc) from exc
+            if is_lazy(self.graph):
+                self._session_cache.clear()  # one ORT copy of a big model at a time
+            sess = ort_session(self.model, self._values, extra_outputs, self.origin)
             self._session_cache[extra_outputs] = sess
         return sess
 
-    def _is_lazy(self) -> bool:
-        """Weights still memory-mapped from external data (a big model): ORT must load from files."""
-        return any(isinstance(v.const_value, ir.ExternalTensor) for v in self.graph.initializers.values())
-
-    def _session_from_files(self, extra_outputs: tuple[str, ...], opts: Any) -> Any:
-        """A session over a copy written with external data to a temp folder (protobuf cannot hold
-        a model over 2 GiB in one message); the copy is removed once ONNX Runtime has loaded it.
-        """
-        import onnxruntime as ort
-
-        added = [self._values[n] for n in extra_outputs if not self._values[n].is_graph_output()]
-        self.graph.outputs.extend(added)
-        try:
-            with tempfile.TemporaryDirectory(prefix="qpass-ort-") as folder:
-                path = Path(folder) / "model.onnx"
-                try:
-                    ir.save(self.model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
-                finally:
-                    qio.release_external(self.model)
-                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        finally:
-            for value in added:
-                self.graph.outputs.remove(value)
-
-    def _runtime_error(self, exc: Exception) -> Exception:
-        """A clear error for a model ONNX Runtime refuses, naming the node it has no kernel for."""
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        for node in self.graph:
-            domain = node.domain or "ai.onnx"
-            if f"{domain}:{node.op_type}(" in text or f"{node.domain}:{node.op_type}(" in text:
-                msg = (
-                    f"{self.origin}: ONNX Runtime cannot run node '{node.name}' ({domain}:{node.op_type}); "
-                    f"qpass runs the model to calibrate and verify, so every op needs a kernel ({first})"
-                )
-                return UnsupportedOpError(msg)
-        msg = f"{self.origin}: ONNX Runtime cannot load the model ({first})"
-        return ModelLoadError(msg)
-
-    def _run_session(self, sess: Any, names: list[str] | None, feeds: Mapping[str, Any]) -> list[Any]:
-        try:
-            return sess.run(names, self._feeds(feeds))
-        except Exception as exc:  # onnxruntime raises its own exception types
-            text = str(exc).strip()
-            first = text.splitlines()[0] if text else type(exc).__name__
-            msg = f"{self.origin}: ONNX Runtime failed on a calibration batch ({first})"
-            raise CalibrationError(msg) from exc
-
-    @staticmethod
-    def _feeds(feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in feeds.items()}
-
     def run(self, feeds: Mapping[str, Any]) -> list[torch.Tensor]:
-        outs = self._run_session(self._session(), None, feeds)
+        outs = run_session(self._session(), None, feeds, self.origin)
         return [torch.from_numpy(np.asarray(o)) for o in outs]
 
     def observe(self, values: Sequence[ValueRef], feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         names = tuple(dict.fromkeys(v.name for v in values))
         sess = self._session(names)
-        outs = self._run_session(sess, list(names), feeds)
+        outs = run_session(sess, list(names), feeds, self.origin)
         return {n: torch.from_numpy(np.asarray(o)) for n, o in zip(names, outs, strict=True)}
 
     # ------------------------------------------------------------------ rewriting

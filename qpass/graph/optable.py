@@ -6,7 +6,7 @@ the adapters promote them to LINEAR when the right-hand operand is a constant we
 
 from __future__ import annotations
 
-from qpass.graph.view import OpKind
+from qpass.graph.refs import OpKind
 
 _TABLE: list[tuple[OpKind, tuple[str, ...], tuple[str, ...]]] = [
     (OpKind.LINEAR, ("linear",), ("Gemm",)),

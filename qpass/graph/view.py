@@ -1,278 +1,32 @@
-"""The backend-neutral graph view that every pass reads, and the edits it may return.
+"""The backend-neutral graph contract that every pass reads, and the applying of its edits.
 
-Passes never touch torch.fx or ONNX nodes: they see ops, values and constants through
-`GraphView` and answer with an `EditPlan` (plain data) that the adapter applies.
+Passes never touch torch.fx or ONNX nodes: they see ops, values and constants (`refs`) through
+`GraphView` and answer with an `EditPlan` (`edits`) that the adapter applies here.
 """
 
 from __future__ import annotations
 
 import abc
-import enum
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from qpass.errors import PassError
-
-
-class OpKind(enum.Enum):
-    """What an op is, as far as the passes care."""
-
-    LINEAR = "linear"  # y = x @ W^T (+ b) with a constant W: Linear, MatMul(x, W), Gemm
-    CONV = "conv"
-    LAYER_NORM = "layer_norm"
-    RMS_NORM = "rms_norm"
-    MUL = "mul"
-    ADD = "add"
-    SUB = "sub"
-    DIV = "div"
-    MATMUL = "matmul"  # two activations (attention scores, probs @ V)
-    ATTENTION = "attention"  # fused scaled-dot-product attention
-    ACTIVATION = "activation"  # gelu, silu, relu, tanh, ...
-    SOFTMAX = "softmax"
-    RESHAPE = "reshape"  # view, reshape, flatten, unsqueeze, squeeze
-    TRANSPOSE = "transpose"  # transpose, permute
-    EXPAND = "expand"  # expand, repeat (GQA key/value replication)
-    CAST = "cast"  # dtype casts, clone, contiguous, dropout in eval: identities for the math
-    SHAPE_OF = "shape_of"  # reads only the shape (ONNX Shape/Size, aten.sym_size)
-    ROTATION = "rotation"  # an online rotation qpass inserted (x @ Q): never quantized as a layer
-    OTHER = "other"
-
-
-ALL_KINDS = frozenset(OpKind)
-
-
-@dataclass(frozen=True)
-class ValueRef:
-    """An activation edge: the output of an op or a graph input."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class ConstRef:
-    """A constant tensor (weight, bias, norm gamma/beta, a multiplier) stored in the graph."""
-
-    name: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class OpRef:
-    """One op. `op_type` is the backend's own name (aten target or ONNX op type), for messages."""
-
-    name: str
-    kind: OpKind
-    op_type: str
-
-
-@dataclass(frozen=True)
-class WeightRef:
-    """The constant weight of a linear/conv op with its canonical axes (Gemm transB, MatMul side hidden)."""
-
-    const: ConstRef
-    in_axis: int
-    out_axis: int
-    bias: ConstRef | None = None
-
-    @property
-    def in_features(self) -> int:
-        return self.const.shape[self.in_axis]
-
-    @property
-    def out_features(self) -> int:
-        return self.const.shape[self.out_axis]
-
-
-@dataclass(frozen=True)
-class NormParams:
-    """The per-channel affine parameters of a normalisation op (gamma, beta), channel axis last."""
-
-    gamma: ConstRef | None
-    beta: ConstRef | None
-
-
-# ----------------------------------------------------------------------------- edits
-@dataclass(frozen=True)
-class ScaleChannels:
-    """Multiply a constant by `factors` along `axis` (broadcast over the other axes)."""
-
-    const: ConstRef
-    axis: int
-    factors: torch.Tensor
-    site: str = ""
-
-
-@dataclass(frozen=True)
-class ShiftChannels:
-    """Add `delta` to a constant (same shape as the constant)."""
-
-    const: ConstRef
-    delta: torch.Tensor
-    site: str = ""
-
-
-@dataclass(frozen=True)
-class PermuteChannels:
-    """Reorder a constant along `axis`: t'[.., i, ..] = t[.., perm[i], ..].
-
-    Applied to a producer's output axis and to every consumer's input axis with the same
-    `perm`, the activation between them is stored reordered and the function is unchanged.
-    """
-
-    const: ConstRef
-    axis: int
-    perm: torch.Tensor
-    site: str = ""
-
-
-@dataclass(frozen=True)
-class ExpandChannels:
-    """Rebuild a constant along `axis` from its own channels: t'[.., i, ..] = scale[i] * t[.., index[i], ..].
-
-    The axis may grow. Channel disassembly (QLLM) has the producer emit an outlier channel c as
-    T copies of x_c / T (index repeats c, scale 1/T) and every consumer read each copy with
-    the column of x_c (index only): the function is unchanged, the activation is wider and its
-    range smaller. `values` are the activations whose last dimension becomes len(index): the
-    adapters update their recorded shapes. Shapes change, so restoring constants cannot undo it.
-    """
-
-    const: ConstRef
-    axis: int
-    index: torch.Tensor
-    scale: torch.Tensor | None = None
-    values: tuple[ValueRef, ...] = ()
-    site: str = ""
-
-
-@dataclass(frozen=True)
-class SplitOp:
-    """Replace one linear y = x W^T + b by parts whose outputs are summed: y = sum_i x W_i^T + b_i.
-
-    `weights` are canonical [out, in] parts and `biases` their biases (None: no bias). The
-    adapters emit one linear with the parts' rows concatenated ([k * out, in], so each part
-    keeps its own per-row quantization scales), then unflatten the last axis to [k, out] and
-    sum over k: three ops for any k instead of k linears and k - 1 adds.
-    """
-
-    op: OpRef
-    weights: tuple[torch.Tensor, ...]
-    biases: tuple[torch.Tensor | None, ...]
-    site: str = ""
-
-
-@dataclass(frozen=True)
-class RotateChannels:
-    """Contract a constant's `axis` with an orthogonal matrix: t'[.., i, ..] = sum_j t[.., j, ..] Q[j, i].
-
-    On a consumer weight's input axis this is W' = W Q; on a producer's output axis it rotates
-    what the producer emits, so x Q flows into the consumers.
-    """
-
-    const: ConstRef
-    axis: int
-    matrix: torch.Tensor
-    site: str = ""
-
-
-@dataclass(frozen=True)
-class InsertRotation:
-    """Compute x @ Q at run time on the edge from `value` into `consumers` (an online rotation)."""
-
-    value: ValueRef
-    consumers: tuple[OpRef, ...]
-    matrix: torch.Tensor
-    site: str = ""
-    hadamard_signs: torch.Tensor | None = (
-        None  # set when matrix == diag(signs) @ hadamard(n): fast op allowed
-    )
-
-
-@dataclass(frozen=True)
-class AddBias:
-    """Add `delta` (one value per output channel) to a linear's output through its bias.
-
-    A linear without a bias gets a zero one first (an Add after an ONNX MatMul, the bias
-    argument of aten.linear): exact, and what OS+ needs to absorb a shift (b' = b + W z).
-    """
-
-    op: OpRef
-    delta: torch.Tensor
-    site: str = ""
-
-
-@dataclass(frozen=True)
-class KeepFloatChannels:
-    """Annotate a linear: quantization keeps these input channels (sorted int64) in float.
-
-    Changes nothing in the graph (the FP function is untouched); `plan_quantization` reads it
-    through `GraphView.float_channels` and splits the layer into an integer part over the other
-    channels plus a float part over these (LLM.int8 decomposition, `passes/decompose.py`).
-    """
-
-    op: OpRef
-    channels: torch.Tensor
-    site: str = ""
-
-
-Edit = (
-    ScaleChannels
-    | ShiftChannels
-    | RotateChannels
-    | PermuteChannels
-    | AddBias
-    | InsertRotation
-    | SplitOp
-    | KeepFloatChannels
-    | ExpandChannels
-)
-CONSTANT_EDITS = (
+from qpass.graph.edits import (
+    AddBias,
+    EditPlan,
+    ExpandChannels,
+    InsertRotation,
+    KeepFloatChannels,
+    PermuteChannels,
+    RotateChannels,
     ScaleChannels,
     ShiftChannels,
-    RotateChannels,
-    PermuteChannels,
-)  # undone by restoring the constants
+    SplitOp,
+)
+from qpass.graph.refs import ALL_KINDS, ConstRef, NormParams, OpKind, OpRef, ValueRef, WeightRef
 
-
-@dataclass
-class SiteNote:
-    """What a pass did, or why it skipped, at one site (named by the op or value it concerns)."""
-
-    site: str
-    applied: bool
-    detail: str
-
-
-@dataclass
-class EditPlan:
-    """The edits a pass wants, plus its per-site notes; applying it is the adapter's job."""
-
-    pass_name: str
-    edits: list[Edit] = field(default_factory=list)
-    notes: list[SiteNote] = field(default_factory=list)
-
-    @property
-    def applied_sites(self) -> list[SiteNote]:
-        return [n for n in self.notes if n.applied]
-
-    @property
-    def skipped_sites(self) -> list[SiteNote]:
-        return [n for n in self.notes if not n.applied]
-
-    def summary(self) -> str:
-        skipped = self.skipped_sites
-        text = f"{self.pass_name}: {len(self.applied_sites)} sites, {len(skipped)} skipped"
-        if skipped:
-            reasons: dict[str, int] = {}
-            for n in skipped:
-                reasons[n.detail] = reasons.get(n.detail, 0) + 1
-            text += ": " + "; ".join(f"{r} (x{c})" for r, c in sorted(reasons.items(), key=lambda rc: -rc[1]))
-        return text
-
-
-# ----------------------------------------------------------------------------- the view
 Feeds = Mapping[str, Any]
 
 

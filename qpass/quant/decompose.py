@@ -8,7 +8,8 @@ import torch
 
 from qpass.calibration import Stats
 from qpass.errors import ConfigError
-from qpass.graph.view import GraphView, OpRef, WeightRef
+from qpass.graph.refs import OpRef, WeightRef
+from qpass.graph.view import GraphView
 from qpass.qconfig import INT_FORMATS, ActGranularity, ActivationQuantConfig, WeightQuantConfig, format_bits
 from qpass.quant.qlinear import QLinear, canonical_weight, weight_spec
 from qpass.quant.weight_quant import quantize_weight

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from qpass.graph.view import GraphView, OpKind, ValueRef, iter_linear_ops
+from qpass.graph.refs import OpKind, ValueRef
+from qpass.graph.view import GraphView, iter_linear_ops
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.qlinear import canonical_weight, fake_quant_act, weight_spec
 from qpass.quant.weight_quant import quantize_weight

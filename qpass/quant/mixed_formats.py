@@ -12,7 +12,9 @@ import torch
 
 from qpass.calibration import Stats
 from qpass.errors import ConfigError, PreconditionError
-from qpass.graph.view import GraphView, OpKind, SiteNote, iter_linear_ops
+from qpass.graph.edits import SiteNote
+from qpass.graph.refs import OpKind
+from qpass.graph.view import GraphView, iter_linear_ops
 from qpass.qconfig import MixedPrecisionConfig, WeightQuantConfig
 from qpass.quant.allocation import Candidate, LayerChoice, allocate_bits, storage_bits
 from qpass.quant.lorc import layer_error

@@ -18,15 +18,9 @@ import torch
 from qpass.calibration import StatKind, StatRequest, Stats
 from qpass.formats import ElementType, Granularity, QuantSpec, ScaleType, get_format
 from qpass.formats.quantize import code_values
-from qpass.graph.view import (
-    EditPlan,
-    GraphView,
-    OpKind,
-    OpRef,
-    SiteNote,
-    WeightRef,
-    iter_linear_ops,
-)
+from qpass.graph.edits import EditPlan, SiteNote
+from qpass.graph.refs import OpKind, OpRef, WeightRef
+from qpass.graph.view import GraphView, iter_linear_ops
 from qpass.qconfig import (
     ActGranularity,
     ActivationQuantConfig,

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from qpass.calibration import StatRequest, Stats, calibrate
-from qpass.graph.view import GraphView, OpRef, iter_linear_ops
+from qpass.graph.refs import OpRef
+from qpass.graph.view import GraphView, iter_linear_ops
 from qpass.pass_base import PassContext
 from qpass.pass_manager import run_passes
 from qpass.quant.qlinear import canonical_weight

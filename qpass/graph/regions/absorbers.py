@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qpass.graph.refs import ConstRef, OpKind, OpRef, ValueRef
 from qpass.graph.regions.sites import (
     HEAD_LAYOUT,
     LAYOUT,
@@ -24,7 +25,7 @@ from qpass.graph.regions.sites import (
     producer_past_casts,
     shared_constant,
 )
-from qpass.graph.view import ConstRef, GraphView, OpKind, OpRef, ValueRef
+from qpass.graph.view import GraphView
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qpass.graph.refs import ConstRef, OpKind, ValueRef
 from qpass.graph.regions.sites import (
     HEAD_LAYOUT,
     Site,
@@ -17,7 +18,7 @@ from qpass.graph.regions.sites import (
     last_dim,
     region_step,
 )
-from qpass.graph.view import ConstRef, GraphView, OpKind, ValueRef
+from qpass.graph.view import GraphView
 
 
 @dataclass

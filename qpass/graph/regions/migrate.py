@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from qpass.graph.edits import AddBias, Edit, ScaleChannels
 from qpass.graph.regions.absorbers import Migration
-from qpass.graph.view import AddBias, Edit, GraphView, ScaleChannels
+from qpass.graph.view import GraphView
 
 
 def tile_to(s: torch.Tensor, width: int) -> torch.Tensor:

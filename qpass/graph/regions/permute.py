@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qpass.graph.refs import ConstRef, OpKind, OpRef, ValueRef, WeightRef
 from qpass.graph.regions.absorbers import Absorber, find_absorber
 from qpass.graph.regions.sites import (
     LAYOUT,
@@ -22,7 +23,7 @@ from qpass.graph.regions.sites import (
     region_step,
     shared_constant,
 )
-from qpass.graph.view import ConstRef, GraphView, OpKind, OpRef, ValueRef, WeightRef
+from qpass.graph.view import GraphView
 
 
 @dataclass(frozen=True)

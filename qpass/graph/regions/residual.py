@@ -24,19 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qpass.graph.edits import Edit, InsertRotation, RotateChannels, SiteNote
+from qpass.graph.refs import ConstRef, OpKind, OpRef, ValueRef
 from qpass.graph.regions.absorbers import find_absorber
 from qpass.graph.regions.sites import is_channel_vector, last_dim
-from qpass.graph.view import (
-    ConstRef,
-    Edit,
-    GraphView,
-    InsertRotation,
-    OpKind,
-    OpRef,
-    RotateChannels,
-    SiteNote,
-    ValueRef,
-)
+from qpass.graph.view import GraphView
 
 MatrixFn = Callable[[int], tuple[torch.Tensor, str]]
 

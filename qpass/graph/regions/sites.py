@@ -9,7 +9,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from qpass.graph.view import ConstRef, GraphView, OpKind, OpRef, ValueRef, WeightRef, iter_linear_ops
+from qpass.graph.refs import ConstRef, OpKind, OpRef, ValueRef, WeightRef
+from qpass.graph.view import GraphView, iter_linear_ops
 
 HEAD_LAYOUT = (OpKind.RESHAPE, OpKind.TRANSPOSE, OpKind.EXPAND)
 LAYOUT = (*HEAD_LAYOUT, OpKind.CAST)
