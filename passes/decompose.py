@@ -28,7 +28,6 @@ ONNX Gather + per-token MatMulInteger (u8 x s8) + Gather + MatMul + Add.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -38,7 +37,6 @@ from qpass.graph.edits import KeepFloatChannels
 from qpass.graph.refs import OpKind, OpRef
 from qpass.graph.view import GraphView, iter_linear_ops
 from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
-from qpass.pass_manager import check_pass_order
 from qpass.qconfig import ActivationQuantConfig, WeightQuantConfig
 from qpass.quant.decompose import check_formats
 
@@ -85,12 +83,6 @@ class Int8DecomposeConfig:
         if self.ratio is not None:
             return f"max|x| >= {self.ratio:g} x median"
         return f"max|x| >= {self.threshold if self.threshold is not None else DEFAULT_THRESHOLD:g}"
-
-    def check_recipe(self, recipe: Any, index: int) -> None:
-        """Called by `Recipe`: the pass manager checks what the recipe's passes declare
-        (`Int8Decompose.must_run_last`, its `check_formats`).
-        """
-        check_pass_order([s.build() for s in recipe.passes], PassContext(recipe.weights, recipe.activations))
 
 
 def select_channels(absmax: torch.Tensor, cfg: Int8DecomposeConfig) -> tuple[torch.Tensor, str]:

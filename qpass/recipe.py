@@ -16,7 +16,8 @@ import yaml
 
 from qpass.config import from_mapping, to_mapping
 from qpass.errors import ConfigError
-from qpass.pass_base import QPass
+from qpass.pass_base import PassContext, QPass
+from qpass.pass_manager import check_pass_order
 from qpass.qconfig import ActivationQuantConfig, OnnxLoweringConfig, WeightQuantConfig
 from qpass.registry import PASSES
 
@@ -47,10 +48,8 @@ class Recipe:
     lowering: OnnxLoweringConfig = field(default_factory=OnnxLoweringConfig)
 
     def __post_init__(self) -> None:
-        for i, step in enumerate(self.passes):  # a pass config may constrain the rest of the recipe
-            check = getattr(step.config, "check_recipe", None)
-            if check is not None:
-                check(self, i)
+        # what the passes declare (must run last, formats they need) is checked when the recipe is made
+        check_pass_order([s.build() for s in self.passes], PassContext(self.weights, self.activations))
 
     @property
     def quantizes(self) -> bool:
