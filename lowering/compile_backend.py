@@ -1,68 +1,22 @@
-"""`torch.compile(model, backend="qpass", options={"recipe": ...})`: quantize what dynamo captured,
-lower it, and hand the result to Inductor.
+"""The torch mechanics under `torch.compile(backend="qpass")`: freezing the parameters dynamo lifted
+into graph inputs, and compiling a (quantized) graph with Inductor or running it eagerly.
 
-Dynamo gives a backend a GraphModule whose parameters and buffers arrive as graph inputs. The
-backend freezes them into constants (inference: the weights are about to be quantized anyway),
-runs `qpass.api.quantize_with_report` on that graph (the one pipeline: capture, verified passes,
-quantization, lowering to `QuantLinear` modules), and compiles the result with Inductor
-(`compile_fx`) or runs it eagerly. Calibration-free recipes (weight-only RTN, rotations, dynamic
-per-token activations) need nothing more; recipes that need statistics (static activation
-ranges, GPTQ, smoothing) take batches through `options={"calibration": batches}`. Without a
-recipe, the graph is compiled as it is: the way to compile a model `qpass.quantize` already
-quantized (its QuantLinear modules trace into the qpass kernel ops).
-
-Registered for `backend="qpass"` through the `torch_dynamo_backends` entry point in
-pyproject.toml; `register()` does the same by hand where the package is not installed.
+Dynamo gives a backend a GraphModule whose parameters and buffers arrive as graph inputs.
+`freeze_parameters` makes them constants (inference: the weights are about to be quantized
+anyway) so the quantize stage sees ordinary weights; `compile_graph` hands the result to
+Inductor (`compile_fx`). What a recipe asks for, and calling the quantize pipeline, is the app's
+business: `qpass.backend` orchestrates and reaches these functions through `qpass.registry`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from qpass.errors import ConfigError
-from qpass.recipe import Recipe, get_recipe
-
-BACKEND_NAME = "qpass"
-
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """The `options=` of `torch.compile(..., backend="qpass")`."""
-
-    recipe: Recipe | None = None  # a Recipe, built-in name, file path or mapping; None: compile as is
-    calibration: Any = None  # batches for recipes that need statistics
-    inductor: bool = True  # False: run the quantized graph eagerly
-    verify: bool = False  # check each equivalent pass numerically on the example inputs
-
-    @classmethod
-    def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
-        options = dict(options or {})
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            msg = f"torch.compile(backend='qpass') option '{unknown[0]}' is unknown; expected one of {known}"
-            raise ConfigError(msg)
-        if options.get("recipe") is not None:
-            options["recipe"] = get_recipe(options["recipe"])
-        return cls(**options)
-
-
-def calibration_needs(recipe: Recipe, view: Any) -> list[str]:
-    """What in `recipe` needs calibration statistics on this graph (empty: calibration-free)."""
-    from qpass.pass_base import PassContext
-
-    ctx = PassContext(recipe.weights, recipe.activations)
-    needs = [s.name for s in recipe.passes if s.build().stat_requests(view, ctx)]
-    if recipe.activations is not None and not recipe.activations.dynamic:
-        needs.append("activations (static ranges)")
-    if recipe.weights is not None and recipe.weights.algo == "gptq":
-        needs.append("weights (gptq)")
-    return needs
 
 
 def _is_param_or_buffer(node: fx.Node) -> bool:
@@ -103,61 +57,10 @@ def freeze_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tupl
     return gm, keep
 
 
-def quantize_graph(gm: fx.GraphModule, inputs: Sequence[Any], opts: BackendOptions) -> fx.GraphModule:
-    """Run the recipe through qpass's one pipeline on a frozen dynamo graph."""
-    from qpass.api import quantize_with_report
-    from qpass.graph.fx import FxGraphView
-    from qpass.graph.fx_capture import capture
-
-    # torch.export marks dynamic dims on the tensors it traces; dynamo's own inputs must keep theirs
-    example = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
-    captured = capture(gm, example)
-    recipe = opts.recipe
-    calibration = opts.calibration
-    if calibration is None:
-        needs = calibration_needs(recipe, FxGraphView(captured))
-        if needs:
-            msg = (
-                f"recipe '{recipe.name}' needs calibration statistics for {', '.join(needs)}: pass "
-                "options={'recipe': ..., 'calibration': batches} or quantize first with qpass.quantize"
-            )
-            raise ConfigError(msg)
-        calibration = [example]
-    result = quantize_with_report(captured, recipe, calibration, verify=opts.verify)
-    return result.model
-
-
-def _finish(gm: fx.GraphModule, inputs: Sequence[Any], opts: BackendOptions) -> Callable[..., Any]:
-    if not opts.inductor:
+def compile_graph(gm: fx.GraphModule, inputs: Sequence[Any], inductor: bool = True) -> Callable[..., Any]:
+    """`gm` compiled with Inductor on `inputs`, or (`inductor=False`) its eager forward."""
+    if not inductor:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, list(inputs))
-
-
-def qpass_backend(
-    gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None
-) -> Callable[..., Any]:
-    """The dynamo backend: quantize with `options["recipe"]` (if any), lower, compile."""
-    opts = BackendOptions.parse(options)
-    if opts.recipe is None:
-        return _finish(gm, example_inputs, opts)
-    gm, keep = freeze_parameters(gm, example_inputs)
-    user_inputs = [example_inputs[i] for i in keep]
-    # torch.export inside a backend must not add its shape guards to the frame dynamo is compiling
-    with torch._guards.tracing(None):
-        qgm = quantize_graph(gm, user_inputs, opts)
-    compiled = _finish(qgm, user_inputs, opts)
-
-    def run(*args: Any) -> Any:
-        return compiled(*[args[i] for i in keep])
-
-    return run
-
-
-def register() -> None:
-    """Register `backend="qpass"` with dynamo (what the entry point does once the package is installed)."""
-    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
-
-    if BACKEND_NAME not in _COMPILER_FNS:
-        register_backend(qpass_backend, name=BACKEND_NAME)

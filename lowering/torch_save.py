@@ -1,37 +1,25 @@
-"""Save and load a quantized torch model: one `.pt2` file holding the lowered program, its packed
-weights (INT8 codes, packed INT4 nibbles, scales, zero points) and the recipe; loading needs
-neither the model's class nor calibration data.
+"""Write and read a lowered torch program as one `.pt2` file: the program and its packed weights
+(INT8 codes, packed INT4 nibbles, scales, zero points); loading needs neither the model's class nor
+calibration data.
 
 The file is a `torch.export` program (`torch.export.save`), so it loads with the stable PT2
 format instead of pickled Python objects. While exporting, each `QuantLinear` runs in
 `packed_only` mode: its forward reads only the quantized state, so the float weight cache is
-not written. The recipe travels as JSON in the archive's extra files.
+not written. What else travels in the archive (the recipe, as JSON in its extra files) is the
+app's business: `qpass.saved_model` adds it and reaches these functions through `qpass.registry`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from qpass.errors import ConfigError, ModelLoadError
-from qpass.graph.fx_capture import _all_dims_auto, split_batch
+from qpass.errors import ModelLoadError
+from qpass.graph.fx_capture import all_dims_auto, split_batch
 from qpass.lowering.torch_backend import LinearKernel, QuantLinear
-from qpass.recipe import Recipe
-
-_RECIPE_FILE = "qpass_recipe.json"
-
-
-@dataclass
-class LoadedModel:
-    """A loaded quantized model: call `module` like the original; `recipe` made it."""
-
-    module: torch.nn.Module
-    recipe: Recipe | None
 
 
 def register_qpass_ops() -> None:
@@ -68,41 +56,31 @@ def _packed_only(model: torch.nn.Module):
             m._buffers.update(bufs)
 
 
-def save_quantized(model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any) -> None:
-    """Export `model` (a `qpass.quantize` result) on `example_inputs` and write it with its recipe."""
+def export_program(
+    model: torch.nn.Module, path: str | os.PathLike, example_inputs: Any, extra_files: dict[str, str] | None = None
+) -> None:
+    """Export `model` (lowered `QuantLinear` modules) on `example_inputs` and write it with `extra_files`."""
     register_qpass_ops()
     args, kwargs = split_batch(example_inputs)
-    recipe = getattr(model, "meta", {}).get("qpass_recipe")
     with _packed_only(model), torch.no_grad():
         try:
             ep = torch.export.export(
-                model, args, kwargs, dynamic_shapes=_all_dims_auto(model, args, kwargs), strict=False
+                model, args, kwargs, dynamic_shapes=all_dims_auto(model, args, kwargs), strict=False
             )
         except Exception:  # noqa: BLE001 - models with fixed shapes export without dynamic dims
             ep = torch.export.export(model, args, kwargs, strict=False)
-    extra = {_RECIPE_FILE: json.dumps(recipe)} if recipe is not None else {}
-    torch.export.save(ep, os.fspath(path), extra_files=extra)
+    torch.export.save(ep, os.fspath(path), extra_files=extra_files or {})
 
 
-def load_quantized(path: str | os.PathLike) -> LoadedModel:
-    """Load what `save_quantized` wrote: the runnable module and the recipe."""
+def read_program(path: str | os.PathLike, extra_files: dict[str, str] | None = None) -> torch.nn.Module:
+    """The runnable module `export_program` wrote; `extra_files` (names to "") is filled in place."""
     register_qpass_ops()
-    extra = {_RECIPE_FILE: ""}
     if not os.path.isfile(path):
         msg = f"{os.fspath(path)}: no such quantized model file"
         raise ModelLoadError(msg)
     try:
-        ep = torch.export.load(os.fspath(path), extra_files=extra)
+        ep = torch.export.load(os.fspath(path), extra_files=extra_files if extra_files is not None else {})
     except Exception as exc:  # the archive reader raises many types; name the file and the cause
         msg = f"{os.fspath(path)}: not a qpass .pt2 model ({type(exc).__name__}: {str(exc).splitlines()[0]})"
         raise ModelLoadError(msg) from exc
-    recipe = None
-    if extra[_RECIPE_FILE]:
-        try:
-            recipe = Recipe.from_dict(
-                json.loads(extra[_RECIPE_FILE]), origin=f"{os.fspath(path)}:{_RECIPE_FILE}"
-            )
-        except (json.JSONDecodeError, ConfigError) as exc:
-            msg = f"{os.fspath(path)}: stored recipe is invalid: {exc}"
-            raise ModelLoadError(msg) from exc
-    return LoadedModel(ep.module(), recipe)
+    return ep.module()

@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run a recipe's passes and quantize a model",
         description="Run a recipe's outlier passes (verified), calibrate and quantize. ONNX in: an .onnx "
         "out that stock onnxruntime runs. Torch 'module:factory' in: a .pt2 (torch.export.save; "
-        "load: qpass.lowering.torch_save.register_qpass_ops(); torch.export.load(path).module()) "
+        "load: qpass.registry.register_qpass_ops(); torch.export.load(path).module()) "
         "plus the recipe as OUT-stem.recipe.yaml.",
     )
     q.add_argument("input", help="an .onnx model (opened read-only) or a torch 'module:factory'")

@@ -129,11 +129,11 @@ def save_torch(result: QuantizeResult, example: Any, out: Path, console: Console
     """The quantized GraphModule re-exported and saved with torch.export, and its recipe beside it."""
     import torch
 
-    from qpass.graph.fx_capture import _all_dims_auto, split_batch
+    from qpass.graph.fx_capture import all_dims_auto, split_batch
 
     args, kwargs = split_batch(example)
     try:  # dims the model leaves free stay dynamic, as in capture; else the example's shapes
-        dynamic = _all_dims_auto(result.model, args, kwargs)
+        dynamic = all_dims_auto(result.model, args, kwargs)
         program = torch.export.export(result.model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception:  # noqa: BLE001 - fall back to static shapes below
         try:

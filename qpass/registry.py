@@ -1,7 +1,8 @@
 """The one place the core looks upward: recipe pass names to pass classes, and graph kinds to their
-lowering. `recipe`, `api` and `cli` reach passes and lowerings only through here, so the core never
-imports `qpass.passes` or `qpass.lowering` and the layering test can hold everything else to one
-direction.
+lowering. The app modules (`recipe`, `api`, `cli`, `backend`, `saved_model`, `sources`) reach passes
+and lowerings (the dynamo backend's freeze/compile mechanics, the `.pt2` program writer and reader
+included) only through here, so the core never imports `qpass.passes` or `qpass.lowering` and the
+layering test can hold everything else to one direction.
 
 Adding a pass: write `passes/<name>.py` (a `QPass` subclass and its config dataclass) and add one
 line to `PASSES` below.
@@ -12,9 +13,11 @@ from __future__ import annotations
 from qpass.graph.fx import FxGraphView
 from qpass.graph.onnx import OnnxGraphView
 from qpass.graph.view import GraphView
+from qpass.lowering.compile_backend import compile_graph, freeze_parameters
 from qpass.lowering.onnx_finalize import finalize_onnx
 from qpass.lowering.onnxruntime import lower_onnx
 from qpass.lowering.torch_backend import lower_fx
+from qpass.lowering.torch_save import export_program, read_program, register_qpass_ops
 from qpass.pass_base import QPass
 from qpass.passes.awq import AWQ, AWQConfig
 from qpass.passes.decompose import Int8Decompose, Int8DecomposeConfig
@@ -28,7 +31,19 @@ from qpass.passes.split import SplitQuant, SplitQuantConfig
 from qpass.qconfig import OnnxLoweringConfig
 from qpass.quant.qlinear import QuantPlan
 
-__all__ = ["PASSES", "build_pass", "finalize_onnx", "lower", "pass_config", "register_pass"]
+__all__ = [
+    "PASSES",
+    "build_pass",
+    "compile_graph",
+    "export_program",
+    "finalize_onnx",
+    "freeze_parameters",
+    "lower",
+    "pass_config",
+    "read_program",
+    "register_pass",
+    "register_qpass_ops",
+]
 
 PASSES: dict[str, tuple[type, type[QPass]]] = {
     "smooth_quant": (SmoothQuantConfig, SmoothQuant),

@@ -81,7 +81,7 @@ def load_program(path: str | os.PathLike) -> torch.nn.Module:
         msg = f"{path}: no such .pt2 file"
         raise ModelLoadError(msg)
     try:
-        from qpass.lowering.torch_save import register_qpass_ops
+        from qpass.registry import register_qpass_ops
 
         register_qpass_ops()  # a quantized program calls qpass::* kernels: register them first
         program = torch.export.load(str(path))

@@ -99,7 +99,7 @@ def test_block_weights_take_reference_kernel_and_save(llama_case, tmp_path):
     (packed-only forward decodes the bit patterns) the outputs are unchanged.
     """
     from qpass.lowering.torch_backend import LinearKernel
-    from qpass.lowering.torch_save import load_quantized, save_quantized
+    from qpass.saved_model import load_quantized, save_quantized
 
     for fmt, kernel in (("fp8_e4m3", LinearKernel.REFERENCE), ("mxfp4", LinearKernel.MX)):
         q = qpass.quantize(llama_case.model, _recipe(fmt, None), llama_case.batches)

@@ -14,8 +14,8 @@ import torch
 from models import TinyLlama, inject_outliers, llama_inputs
 
 import qpass
+from qpass.backend import BackendOptions, qpass_backend, register
 from qpass.errors import ConfigError
-from qpass.lowering.compile_backend import BackendOptions, qpass_backend, register
 from qpass.lowering.torch_backend import LinearKernel, QuantLinear
 
 REPO = Path(__file__).resolve().parents[1]

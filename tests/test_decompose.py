@@ -199,7 +199,7 @@ def test_torch_kernel_wiring(quantized, llama_case):
 
 
 def test_save_and_load(quantized, llama_case, tmp_path):
-    from qpass.lowering.torch_save import load_quantized, save_quantized
+    from qpass.saved_model import load_quantized, save_quantized
 
     gm = quantized["w8a8-int8decomp", "fx"].model
     x = llama_case.batches[-1]

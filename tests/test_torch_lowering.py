@@ -12,7 +12,7 @@ from models import llama_inputs
 import qpass
 from qpass.errors import ModelLoadError
 from qpass.lowering.torch_backend import LinearKernel, QuantLinear
-from qpass.lowering.torch_save import load_quantized, save_quantized
+from qpass.saved_model import load_quantized, save_quantized
 
 W4_GPTQ_G32 = {
     "name": "w4-g32-gptq",

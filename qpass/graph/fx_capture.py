@@ -29,7 +29,7 @@ def split_batch(batch: Batch) -> tuple[tuple, dict]:
     return (batch,), {}
 
 
-def _all_dims_auto(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+def all_dims_auto(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Dynamic-shape spec leaving every tensor dim to torch.export (Dim.AUTO), keyed by argument name."""
 
     def spec(x: Any) -> Any:
@@ -55,7 +55,7 @@ def capture(model: torch.nn.Module | torch.export.ExportedProgram, example: Batc
     try:
         # dims the model leaves free stay dynamic, so other batch/sequence sizes run too
         ep = torch.export.export(
-            model, args, kwargs, dynamic_shapes=_all_dims_auto(model, args, kwargs), strict=False
+            model, args, kwargs, dynamic_shapes=all_dims_auto(model, args, kwargs), strict=False
         )
     except Exception:  # noqa: BLE001 - some models only export with static shapes
         try:
