@@ -15,14 +15,15 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from qpass.lowering.onnx_nodes import new_node
 from qpass.quant.qlinear import QLinear
 
 
-def add_corrections(view, node: ir.Node, q: QLinear, x: ir.Value, new_node) -> None:
+def add_corrections(view, node: ir.Node, q: QLinear, x: ir.Value) -> None:
     """Insert ``node_out + corrections(x)`` after `node` and hand the node's readers the sum.
 
     `x` is the input the corrections read (the activation-quantized input when the recipe
-    quantizes activations); `new_node` builds a named node (`qpass.lowering.onnxruntime._new_node`).
+    quantizes activations).
     """
     graph = view.model.graph
     y = node.outputs[0]

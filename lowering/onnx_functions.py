@@ -42,10 +42,10 @@ import torch
 
 from qpass.graph.onnx import KIND_KEY
 from qpass.graph.refs import OpKind
+from qpass.lowering.onnx_nodes import QPASS_DOMAIN
 from qpass.math.hadamard import hadamard
 from qpass.qconfig import RotationOp
 
-DOMAIN = "qpass"
 # The function op (kron form) beat the constant MatMul 2.7-5.6x at n = 384, 576 and 1536, batch 1
 # and 32 x 128 tokens, in ONNX Runtime on this machine (benchmarks/results/onnx_hadamard.md);
 # below the smallest measured size the constant MatMul is kept.
@@ -198,7 +198,7 @@ def hadamard_function(
     name = function_name(n, signed)
     inputs = [x, signs] if signed else [x]
     graph = ir.Graph(inputs, [out], nodes=nodes, opset_imports={"": opset}, name=name)
-    return ir.Function(DOMAIN, name, graph=graph, attributes=[])
+    return ir.Function(QPASS_DOMAIN, name, graph=graph, attributes=[])
 
 
 def hadamard_signs(matrix: np.ndarray) -> np.ndarray | None:
@@ -244,17 +244,17 @@ def lower_rotations(
         if signs is None or (mode is RotationOp.AUTO and n < FWHT_MIN_SIZE):
             continue
         signed = bool((signs != 1).any())
-        key = (DOMAIN, function_name(n, signed), "")
+        key = (QPASS_DOMAIN, function_name(n, signed), "")
         if key not in model.functions:
             model.functions[key] = hadamard_function(n, opset, form, chunks=chunks, signed=signed)
-        model.opset_imports.setdefault(DOMAIN, 1)
+        model.opset_imports.setdefault(QPASS_DOMAIN, 1)
         inputs = [node.inputs[0]]
         if signed:
             sv = ir.Value(name=f"{q.name}_signs", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
             sv.const_value = ir.tensor(signs.astype(np.float32), name=sv.name)
             graph.register_initializer(sv)
             inputs.append(sv)
-        new = ir.node(function_name(n, signed), inputs, domain=DOMAIN, name=f"{node.name}_fwht")
+        new = ir.node(function_name(n, signed), inputs, domain=QPASS_DOMAIN, name=f"{node.name}_fwht")
         new.metadata_props[KIND_KEY] = OpKind.ROTATION.value
         old = node.outputs[0]
         new.outputs[0].name, new.outputs[0].shape, new.outputs[0].type = (

@@ -14,17 +14,14 @@ once and cached.
 from __future__ import annotations
 
 import enum
-import re
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 
 from qpass.formats import ScaleType
-from qpass.graph.fx import FxGraphView
-from qpass.graph.refs import OpRef
 from qpass.qconfig import ActGranularity
-from qpass.quant.qlinear import QLinear, QuantPlan, canonical_weight, dequantize_weight, fake_quant_act
+from qpass.quant.linear_form import LinearForm, linear_form
+from qpass.quant.qlinear import QLinear, dequantize_weight, fake_quant_act
 
 
 class LinearKernel(enum.Enum):
@@ -40,14 +37,15 @@ class LinearKernel(enum.Enum):
 
 def select_kernel(q: QLinear) -> LinearKernel:
     """The fastest path whose result equals the reference up to float summation order."""
-    if q.codes is None:
+    form = linear_form(q)
+    if form is LinearForm.FLOAT_WEIGHT:
         return LinearKernel.REFERENCE
-    if not q.integer_weight:  # float / block formats: the MX kernel where it decodes them
+    if form is LinearForm.BLOCK_WEIGHT:  # float / block formats: the MX kernel where it decodes them
         return LinearKernel.MX if mx_kernel_fits(q) else LinearKernel.REFERENCE
     if q.group_axis == "out":  # AdaDim groups along output rows: no packed kernel takes them
         return LinearKernel.REFERENCE
     int8_weight = q.bits == 8 and q.zero_points is None and q.per_channel and q.g_idx is None
-    if q.fp_channels is not None:  # LLM.int8 decomposition (lowering/torch_decompose.py)
+    if form is LinearForm.DECOMPOSED:  # LLM.int8 decomposition (lowering/torch_decompose.py)
         per_token = (
             q.act is not None and q.act.format == "int8" and q.act.granularity is ActGranularity.PER_TOKEN
         )
@@ -243,97 +241,3 @@ class QuantLinear(torch.nn.Module):
         a = "fp" if self.act is None else f"{self.act.format} {self.act.granularity.value}"
         a += " dynamic" if self.act is not None and self.act.dynamic else ""
         return f"out={out}, in={inp}, weight={w}, act={a}, kernel={self.kernel.value}"
-
-
-def fuse_rotations_into_quantize(gm: fx.GraphModule) -> int:
-    """Fold each online Hadamard (`qpass::hadamard_transform`) whose only reader is a per-token
-    W8A8 QuantLinear into that module's activation quantizer (`quantize_per_token_hadamard`: one
-    fused kernel on CUDA, the same references in sequence on CPU, so the result is unchanged).
-    Power-of-two sizes only, as the fused kernel; returns how many were fused.
-    """
-    import qpass.kernels.hadamard  # noqa: F401 - the op the pattern matches
-
-    fused = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.qpass.hadamard_transform.default:
-            continue
-        src, signs_attr = node.args
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module" or signs_attr.op != "get_attr":
-            continue
-        module = gm.get_submodule(str(users[0].target))
-        signs = getattr(gm, str(signs_attr.target), None)
-        if not isinstance(module, QuantLinear) or module.kernel is not LinearKernel.W8A8_DYNAMIC:
-            continue
-        n = signs.numel() if signs is not None else 0
-        if n == 0 or n & (n - 1) or module.rotation_signs is not None:
-            continue
-        module.rotation_signs = signs.detach().to(torch.float32).clone()
-        users[0].replace_input_with(node, src)
-        gm.graph.erase_node(node)
-        if not signs_attr.users:
-            gm.graph.erase_node(signs_attr)
-            if not any(n.op == "get_attr" and n.target == signs_attr.target for n in gm.graph.nodes):
-                _delete_attr(gm, str(signs_attr.target))
-        fused += 1
-    if fused:
-        gm.graph.lint()
-        gm.recompile()
-    return fused
-
-
-def _module_name(op: OpRef) -> str:
-    return "qlinear_" + re.sub(r"\W", "_", op.name)
-
-
-def lower_fx(view: FxGraphView, plan: QuantPlan) -> None:
-    """Lower every quantized linear of the plan to a QuantLinear submodule, then fuse the online
-    rotations that feed per-token quantization into it.
-    """
-    for edit in plan.edits:
-        lower_linear_fx(view, edit.op, edit.qlinear)
-    view.invalidate()
-    fuse_rotations_into_quantize(view.gm)
-
-
-def lower_linear_fx(view: FxGraphView, op: OpRef, q: QLinear) -> None:
-    """Replace one aten.linear / matmul node by a call to a QuantLinear submodule."""
-    gm: fx.GraphModule = view.gm
-    node = view.node(op)
-    x = node.args[0]
-    bias = view.read(q.weight.bias) if q.weight.bias is not None else None
-    weight_fp = canonical_weight(view.read(q.weight.const), q.weight) if q.codes is None else None
-    if q.has_corrections:  # LoRC / kept weights: extra float terms beside the quantized path
-        from qpass.lowering.torch_corrections import CorrectedQuantLinear
-
-        module = CorrectedQuantLinear(q, weight_fp, bias)
-    elif q.fp_channels is not None:  # LLM.int8 decomposition: an INT8 part and a float part
-        from qpass.lowering.torch_decompose import DecomposedQuantLinear
-
-        module = DecomposedQuantLinear(q, weight_fp, bias)
-    else:
-        module = QuantLinear(q, weight_fp, bias)
-    name = _module_name(op)
-    gm.add_module(name, module)
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_module(name, (x,))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    old_attrs = [a for a in node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
-    gm.graph.erase_node(node)
-    for attr in old_attrs:
-        if not attr.users:
-            target = str(attr.target)
-            gm.graph.erase_node(attr)
-            if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
-                _delete_attr(gm, target)
-    view.dirty = True  # the adapter regenerates the code once, after the whole plan
-
-
-def _delete_attr(gm: torch.nn.Module, target: str) -> None:
-    *path, leaf = target.split(".")
-    owner = gm
-    for part in path:
-        owner = getattr(owner, part)
-    if hasattr(owner, leaf):
-        delattr(owner, leaf)

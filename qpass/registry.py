@@ -16,7 +16,7 @@ from qpass.graph.view import GraphView
 from qpass.lowering.compile_backend import compile_graph, freeze_parameters
 from qpass.lowering.onnx_finalize import finalize_onnx
 from qpass.lowering.onnxruntime import lower_onnx
-from qpass.lowering.torch_backend import lower_fx
+from qpass.lowering.torch_lower import lower_fx
 from qpass.lowering.torch_save import export_program, read_program, register_qpass_ops
 from qpass.pass_base import QPass
 from qpass.passes.awq import AWQ, AWQConfig

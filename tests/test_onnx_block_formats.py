@@ -22,7 +22,9 @@ import qpass
 from qpass.api import quantize_with_report
 from qpass.errors import UnsupportedOpError
 from qpass.formats import get_format
-from qpass.lowering.onnx_block_formats import DOMAIN, _e4m3_bytes, fake_quant_function, format_tag
+from qpass.lowering.onnx_block_formats import _e4m3_bytes
+from qpass.lowering.onnx_block_functions import fake_quant_function, format_tag
+from qpass.lowering.onnx_nodes import QPASS_DOMAIN
 from qpass.qconfig import BLOCK_FORMATS, ActivationQuantConfig
 from qpass.quant.qlinear import dynamic_spec, fake_quant_act
 from qpass.recipe import Recipe
@@ -40,10 +42,10 @@ def _session(model: onnx.ModelProto, **config: str) -> ort.InferenceSession:
 def _run_function(fn: ir.Function, x: np.ndarray, opset: int) -> np.ndarray:
     """One function-op node over input x, in a model of `opset`."""
     xv = ir.Value(name="x", shape=ir.Shape(x.shape), type=ir.TensorType(ir.DataType.FLOAT))
-    node = ir.node(fn.name, [xv], domain=DOMAIN, name="fq")
+    node = ir.node(fn.name, [xv], domain=QPASS_DOMAIN, name="fq")
     out = node.outputs[0]
     out.name, out.shape, out.type = "y", ir.Shape(x.shape), ir.TensorType(ir.DataType.FLOAT)
-    graph = ir.Graph([xv], [out], nodes=[node], opset_imports={"": opset, DOMAIN: 1}, name="g")
+    graph = ir.Graph([xv], [out], nodes=[node], opset_imports={"": opset, QPASS_DOMAIN: 1}, name="g")
     proto = ir.serde.serialize_model(ir.Model(graph, ir_version=10, functions=[fn]))
     onnx.checker.check_model(proto, full_check=True)
     return _session(proto).run(None, {"x": x})[0]
@@ -158,7 +160,7 @@ def test_decoded_weight_is_bit_exact():
     for fmt in BLOCK_FORMATS:
         model, _, _ = linear_model(k)
         out_model, q = _quantize(model, {"weights": {"format": fmt}}, _x(k))
-        dq = next(n for n in out_model.graph.node if n.domain == DOMAIN)
+        dq = next(n for n in out_model.graph.node if n.domain == QPASS_DOMAIN)
         probe = onnx.ModelProto()
         probe.CopyFrom(out_model)
         probe.graph.ClearField("output")

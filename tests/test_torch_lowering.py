@@ -126,6 +126,7 @@ def test_online_hadamard_fuses_into_per_token_quantizer(monkeypatch):
     from models import TinyLlama
 
     import qpass.lowering.torch_backend as tb
+    import qpass.lowering.torch_lower
 
     torch.manual_seed(0)
     model = TinyLlama(dim=64, hidden=128).eval()
@@ -136,7 +137,7 @@ def test_online_hadamard_fuses_into_per_token_quantizer(monkeypatch):
     assert len(mods) == 2  # one down_proj per block
     assert all(m.kernel is tb.LinearKernel.W8A8_DYNAMIC for m in mods)
     hadamards = [n for n in fused.graph.nodes if "hadamard_transform" in str(n.target)]
-    monkeypatch.setattr(tb, "fuse_rotations_into_quantize", lambda gm: 0)
+    monkeypatch.setattr(qpass.lowering.torch_lower, "fuse_rotations_into_quantize", lambda gm: 0)
     plain = qpass.quantize(model, recipe, calibration=[x])
     plain_hadamards = [n for n in plain.graph.nodes if "hadamard_transform" in str(n.target)]
     assert len(plain_hadamards) == len(hadamards) + 2
@@ -148,6 +149,7 @@ def test_fused_rotation_quantizer_saves_and_loads(tmp_path):
     from models import TinyLlama
 
     import qpass.lowering.torch_backend as tb
+    import qpass.lowering.torch_lower
 
     torch.manual_seed(0)
     model = TinyLlama(dim=64, hidden=128).eval()
