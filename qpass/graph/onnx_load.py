@@ -37,8 +37,16 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
             raise ModelLoadError(msg) from exc
         if _external_tensors(proto):
             return _load_external(path, proto)
+    _check(proto, proto, origin)
+    return ir.serde.deserialize_model(proto)
+
+
+def _check(checked: onnx.ModelProto | str, proto: onnx.ModelProto, origin: str) -> None:
+    """The ONNX checker on `checked` (a path where external data exceeds protobuf's 2 GiB), and a
+    non-empty graph; the first line of what fails, named by `origin`.
+    """
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        onnx.checker.check_model(checked, full_check=False)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         msg = f"{origin}: fails the ONNX checker: {first}"
@@ -46,7 +54,6 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
     if not proto.graph.node:
         msg = f"{origin}: the ONNX graph has no nodes"
         raise ModelLoadError(msg)
-    return ir.serde.deserialize_model(proto)
 
 
 def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -75,15 +82,7 @@ def _load_external(path: Path, proto: onnx.ModelProto) -> ir.Model:
             msg = f"{path}: external data file '{location}' is truncated ('{tensor.name}' ends at byte {end})"
             raise ModelLoadError(msg)
         files.add(str(data))
-    try:
-        onnx.checker.check_model(str(path), full_check=False)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        msg = f"{path}: fails the ONNX checker: {first}"
-        raise ModelLoadError(msg) from exc
-    if not proto.graph.node:
-        msg = f"{path}: the ONNX graph has no nodes"
-        raise ModelLoadError(msg)
+    _check(str(path), proto, str(path))
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, folder)
     total = sum(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qpass.errors import CalibrationError, ConfigError, ModelLoadError
+from qpass.sources import tokenize
 from qpass.zoo.corpora import sentences
 from qpass.zoo.offline import offline as _offline
 
@@ -105,22 +106,7 @@ def minilm_batches(
     if not sentences:
         msg = "minilm_batches: no sentences given"
         raise CalibrationError(msg)
-    out = []
-    for i in range(0, len(sentences), batch_size):
-        enc = tokenizer(
-            list(sentences[i : i + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=max_len,
-            return_tensors="np",
-        )
-        out.append(
-            {
-                "input_ids": np.ascontiguousarray(enc["input_ids"], dtype=np.int64),
-                "attention_mask": np.ascontiguousarray(enc["attention_mask"], dtype=np.int64),
-            }
-        )
-    return out
+    return tokenize(tokenizer, sentences, batch_size, max_len)
 
 
 def export_minilm_onnx(
