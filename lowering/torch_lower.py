@@ -9,6 +9,7 @@ this module is the only one that knows all of them, so they never import each ot
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -82,12 +83,7 @@ def lower_linear_fx(view: FxGraphView, op: OpRef, q: QLinear) -> None:
     weight_fp = (
         canonical_weight(view.read(q.weight.const), q.weight) if form is LinearForm.FLOAT_WEIGHT else None
     )
-    if form is LinearForm.CORRECTED:  # LoRC / kept weights: extra float terms beside the quantized path
-        module = CorrectedQuantLinear(q, weight_fp, bias)
-    elif form is LinearForm.DECOMPOSED:  # LLM.int8 decomposition: an INT8 part and a float part
-        module = DecomposedQuantLinear(q, weight_fp, bias)
-    else:
-        module = QuantLinear(q, weight_fp, bias)
+    module = quant_module(q, weight_fp, bias, op.name)
     name = _module_name(op)
     gm.add_module(name, module)
     with gm.graph.inserting_before(node):
@@ -112,3 +108,77 @@ def _delete_attr(gm: torch.nn.Module, target: str) -> None:
         owner = getattr(owner, part)
     if hasattr(owner, leaf):
         delattr(owner, leaf)
+
+
+def quant_module(
+    q: QLinear, weight_fp: torch.Tensor | None, bias: torch.Tensor | None, name: str = ""
+) -> QuantLinear:
+    """The module computing `q` (`weight_fp`: the float weight [out, in], needed only when `q`
+    keeps it float): QuantLinear, or its corrected / decomposed variants, by `linear_form`.
+    """
+    form = linear_form(q, name)
+    if form is LinearForm.CORRECTED:  # LoRC / kept weights: extra float terms beside the quantized path
+        return CorrectedQuantLinear(q, weight_fp, bias)
+    if form is LinearForm.DECOMPOSED:  # LLM.int8 decomposition: an INT8 part and a float part
+        return DecomposedQuantLinear(q, weight_fp, bias)
+    return QuantLinear(q, weight_fp, bias)
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """An online rotation of a linear's input: x @ diag(signs) H (a Hadamard) or x @ matrix."""
+
+    signs: torch.Tensor | None = None
+    matrix: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.signs is not None:
+            return torch.ops.qpass.hadamard_transform(x, self.signs.to(x.dtype))
+        return x @ self.matrix.to(x.dtype)
+
+
+class PreRotated(torch.nn.Module):
+    """An online rotation in front of the module that consumes it.
+
+    Where a recipe's online rotation is mapped back onto a user's module tree (a transformers
+    model quantized in place), the rotation belongs to the linear it feeds; per-token W8A8
+    linears take a Hadamard into their quantizer instead (`QuantLinear.rotation_signs`, one
+    fused kernel).
+    """
+
+    def __init__(self, rotation: Rotation, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("signs", None if rotation.signs is None else rotation.signs.float().clone())
+        self.register_buffer("matrix", None if rotation.matrix is None else rotation.matrix.float().clone())
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(Rotation(self.signs, self.matrix)(x))
+
+
+class PostRotated(torch.nn.Module):
+    """A module whose output is rotated online (a tied embedding's output in the QuaRot layout:
+    its weight also serves the output head, so the rotation cannot be folded into it).
+    """
+
+    def __init__(self, inner: torch.nn.Module, rotation: Rotation) -> None:
+        super().__init__()
+        self.register_buffer("signs", None if rotation.signs is None else rotation.signs.float().clone())
+        self.register_buffer("matrix", None if rotation.matrix is None else rotation.matrix.float().clone())
+        self.inner = inner
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return Rotation(self.signs, self.matrix)(self.inner(*args, **kwargs))
+
+
+def with_rotation(rotation: Rotation, module: torch.nn.Module) -> torch.nn.Module:
+    """`module` reading its input rotated: a Hadamard fused into a per-token W8A8 quantizer where
+    the kernel takes it (power-of-two sizes), else a `PreRotated` wrapper.
+    """
+    signs = rotation.signs
+    n = 0 if signs is None else signs.numel()
+    fusable = isinstance(module, QuantLinear) and module.kernel is LinearKernel.W8A8_DYNAMIC
+    if fusable and n and not n & (n - 1) and module.rotation_signs is None:
+        module.rotation_signs = signs.detach().to(torch.float32).clone()
+        return module
+    return PreRotated(rotation, module)

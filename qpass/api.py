@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from qpass.calibration import calibrate
+from qpass.causal_lm import is_causal_lm, quantize_causal_lm
 from qpass.data import onnx_batches, torch_batches
 from qpass.errors import ConfigError
 from qpass.graph.fx import FxGraphView
@@ -21,11 +21,10 @@ from qpass.graph.onnx import OnnxGraphView
 from qpass.graph.onnx_load import load_model
 from qpass.graph.view import GraphView
 from qpass.io import check_output_path, save_onnx
-from qpass.pass_base import PassContext
-from qpass.pass_manager import PassReport, PassResult, run_passes
-from qpass.quant.qlinear import plan_quantization, quant_stat_requests
+from qpass.pass_manager import PassReport
+from qpass.plan import plan_recipe
 from qpass.recipe import Recipe, get_recipe
-from qpass.registry import build_pass, finalize_onnx, lower, pass_config
+from qpass.registry import finalize_onnx, lower
 
 ModelLike = torch.nn.Module | torch.export.ExportedProgram | onnx.ModelProto | ir.Model | str | os.PathLike
 
@@ -67,27 +66,30 @@ def quantize_with_report(
     tolerance: float = 1e-4,
     progress: bool = False,
     as_proto: bool = True,
+    **lm_options: Any,
 ) -> QuantizeResult:
     """Capture, run the recipe's passes (verified), calibrate, quantize and lower.
 
     ONNX: `model` is a ModelProto, or with `as_proto=False` the onnx-ir Model itself (no
     serialized copy of a big model in memory; `quantize_file` saves it streaming).
+    A transformers causal LM comes back as the same kind of model, quantized in its modules
+    (`qpass.causal_lm`; `lm_options`: `tokenizer=` for text calibration, `seq_len=`, `inplace=`).
     """
     recipe = get_recipe(recipe)
+    if is_causal_lm(model):  # a transformers LM: quantized in its own modules, still generates
+        lm = quantize_causal_lm(
+            model, recipe, calibration, verify=verify, tolerance=tolerance, progress=progress, **lm_options
+        )
+        return QuantizeResult(lm.model, lm.report, lm.recipe)
     if _is_onnx(model):
         view = open_view(model)
         batches = onnx_batches(view.model, calibration, batch_size)
     else:
         batches = torch_batches(calibration)
         view = open_view(model, example_inputs if example_inputs is not None else batches[0])
-    ctx = PassContext(recipe.weights, recipe.activations, progress)
-    report = run_passes(view, _weight_passes(recipe), batches, ctx, verify=verify, tolerance=tolerance)
-    if recipe.quantizes:
-        requests = quant_stat_requests(view, recipe.activations, recipe.weights)
-        stats = calibrate(view, batches, requests, progress=progress, desc="quantize") if requests else None
-        plan = plan_quantization(view, stats, recipe.weights, recipe.activations, batches)
+    report, plan = plan_recipe(view, recipe, batches, verify=verify, tolerance=tolerance, progress=progress)
+    if plan is not None:
         lower(view, plan, recipe.lowering)
-        report.results.append(PassResult("quantize", plan))
     if isinstance(view, OnnxGraphView):
         finalize_onnx(view.model, recipe.lowering)
         out: Any = view.to_proto() if as_proto else view.model
@@ -98,22 +100,12 @@ def quantize_with_report(
     return QuantizeResult(out, report, recipe)
 
 
-def _weight_passes(recipe: Recipe) -> list:
-    """The recipe's passes; `weights.algo: awq` appends the AWQ scale search unless a step already runs it."""
-    steps = [s.build() for s in recipe.passes]
-    if (
-        recipe.weights is not None
-        and recipe.weights.algo == "awq"
-        and not any(p.name == "awq" for p in steps)
-    ):
-        steps.append(build_pass("awq", pass_config("awq")()))
-    return steps
-
-
 def quantize(
     model: ModelLike, recipe: str | Path | Recipe | Mapping[str, Any], calibration: Any, **options: Any
 ) -> Any:
-    """Quantize a model: nn.Module/ExportedProgram in, GraphModule out; ONNX in, ModelProto out."""
+    """Quantize a model: nn.Module/ExportedProgram in, GraphModule out; ONNX in, ModelProto out;
+    a transformers causal LM in, the same model class out (it still `generate()`s).
+    """
     return quantize_with_report(model, recipe, calibration, **options).model
 
 

@@ -16,7 +16,14 @@ from qpass.graph.view import GraphView
 from qpass.lowering.compile_backend import compile_graph, freeze_parameters
 from qpass.lowering.onnx_finalize import finalize_onnx
 from qpass.lowering.onnxruntime import lower_onnx
-from qpass.lowering.torch_lower import lower_fx
+from qpass.lowering.torch_lower import (
+    PostRotated,
+    PreRotated,
+    Rotation,
+    lower_fx,
+    quant_module,
+    with_rotation,
+)
 from qpass.lowering.torch_save import export_program, read_program, register_qpass_ops
 from qpass.pass_base import QPass
 from qpass.passes.awq import AWQ, AWQConfig
@@ -33,6 +40,9 @@ from qpass.quant.qlinear import QuantPlan
 
 __all__ = [
     "PASSES",
+    "PostRotated",
+    "PreRotated",
+    "Rotation",
     "build_pass",
     "compile_graph",
     "export_program",
@@ -40,9 +50,11 @@ __all__ = [
     "freeze_parameters",
     "lower",
     "pass_config",
+    "quant_module",
     "read_program",
     "register_pass",
     "register_qpass_ops",
+    "with_rotation",
 ]
 
 PASSES: dict[str, tuple[type, type[QPass]]] = {
