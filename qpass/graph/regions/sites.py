@@ -112,8 +112,10 @@ def producer_past_casts(view: GraphView, value: ValueRef) -> OpRef | None:
     """The op producing `value`, looking through casts (None for a graph input)."""
     op = view.producer(value)
     while op is not None and op.kind is OpKind.CAST:
-        (src,) = view.value_operands(op)
-        op = view.producer(src)
+        operands = view.value_operands(op)
+        if not operands:
+            return op
+        op = view.producer(operands[0])  # the data; a second operand (type_as(x, ref)) only names the dtype
     return op
 
 

@@ -1,0 +1,155 @@
+"""Transformers causal LMs in, the same model out, quantized in its own modules, generating with
+its KV cache (`qpass.causal_lm`).
+
+Tiny random-weight models are built from transformers' own configs for several families (no
+download); the real SmolLM2 case is in tests/test_causal_lm_real.py. Each quantized model is checked
+against the graph route of the same recipe (the lowered GraphModule of the same logits): the
+mapping onto modules must compute what the verified graph computes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as T
+from torch import nn
+
+import qpass
+from qpass.causal_lm import is_causal_lm, token_rows
+from qpass.errors import CalibrationError, ConfigError
+from qpass.lowering.torch_backend import QuantLinear
+from qpass.lowering.torch_lower import PostRotated, PreRotated
+
+VOCAB = 256
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2,
+)  # fmt: skip
+FAMILIES = {
+    "llama-tied": (T.LlamaConfig, T.LlamaForCausalLM, {"tie_word_embeddings": True}),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {}),  # q/k/v biases, GQA
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, {}),
+    "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {"pad_token_id": 0}),  # fused qkv and gate_up
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {"head_dim": 16}),  # q/k norms
+    "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, {"pad_token_id": 0, "eos_token_id": 1}),  # post-norms
+    "granite": (T.GraniteConfig, T.GraniteForCausalLM, {}),  # residual / logit multipliers
+    "stablelm": (T.StableLmConfig, T.StableLmForCausalLM, {}),  # LayerNorm, partial rotary
+    "gemma": (T.GemmaConfig, T.GemmaForCausalLM, {"head_dim": 16}),  # scaled embeddings, (1 + w) norms
+}
+
+
+def _model(family: str) -> nn.Module:
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    return model_cls(config_cls(**COMMON, **extra)).eval()
+
+
+def _calibration(seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (2, 32), generator=g) for _ in range(2)]
+
+
+class _Logits(nn.Module):
+    """The graph route's model: the same LM as a plain module mapping input_ids to logits."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _greedy_by_recompute(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy continuation with no cache: every step runs the whole prefix."""
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=ids, use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+CASES = [(f, r) for f in FAMILIES for r in ("w8a8-dynamic", "w4a16")] + [
+    ("llama-tied", "w4a8-rotate"),
+    ("qwen2", "w4a8-rotate"),
+    ("qwen2", "w8a8-smooth-dynamic"),
+    ("mistral", "w4a16-gptq"),
+]
+
+
+@pytest.mark.parametrize(("family", "recipe"), CASES, ids=[f"{f}-{r}" for f, r in CASES])
+def test_quantized_lm_generates_and_matches_the_graph_route(family, recipe):
+    model = _model(family)
+    calib = _calibration()
+    probe = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        fp_before = model(input_ids=probe).logits
+    n_linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+
+    result = qpass.quantize_with_report(model, recipe, calib)
+    q = result.model
+    assert type(q) is type(model) and q is not model and is_causal_lm(q)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=probe).logits, fp_before)  # the user's model is untouched
+    quantized = [m for m in q.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == n_linears  # every linear, the (tied) head included
+    assert not any(isinstance(m, nn.Linear) for m in q.modules())
+
+    # the module mapping computes what the verified, lowered graph computes
+    graph = qpass.quantize(_Logits(copy.deepcopy(model)), recipe, [(c,) for c in calib])
+    with torch.no_grad():
+        ours = q(input_ids=probe, use_cache=False).logits
+        assert _rel(ours, graph(probe)) < 1e-5
+        assert _rel(ours, fp_before) < (0.05 if recipe.startswith("w8") else 0.5)
+
+    # generate() runs on the KV cache, batch 2, and agrees with recomputing the prefix each step
+    prompt = probe[:, :6]
+    cached = q.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+    assert torch.equal(cached, _greedy_by_recompute(q, prompt, 8))
+    sampled = q.generate(prompt, max_new_tokens=4, do_sample=True, top_k=20, pad_token_id=0)
+    assert sampled.shape == (2, 10)
+
+
+def test_online_rotations_live_in_the_modules_that_hold_them():
+    """QuaRot on a tied model: the embedding's output and the final norm's input are rotated online
+    (the shared table cannot take Q), the Hadamard before each down_proj sits with down_proj.
+    """
+    q = qpass.quantize(_model("llama-tied"), "w4a8-rotate", _calibration())
+    assert isinstance(q.model.embed_tokens, PostRotated)
+    assert isinstance(q.model.norm, PreRotated)
+    for layer in q.model.layers:
+        assert isinstance(layer.mlp.down_proj, PreRotated)
+        assert isinstance(layer.mlp.down_proj.inner, QuantLinear)
+        assert layer.mlp.down_proj.signs is not None  # the O(n log n) Hadamard, not a dense matrix
+
+
+def test_inplace_returns_the_users_model():
+    model = _model("qwen2")
+    q = qpass.quantize(model, "w8a8-dynamic", _calibration(), inplace=True)
+    assert q is model
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
+
+
+def test_recipe_whose_ops_have_no_module_is_refused():
+    model = _model("mistral")
+    with pytest.raises(ConfigError, match=r"recipe 'int4-splitquant': .*(no module|has no module)") as err:
+        qpass.quantize(model, "int4-splitquant", _calibration())
+    assert "\n" not in str(err.value)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_calibration_forms():
+    ids = torch.randint(0, VOCAB, (2, 16))
+    assert [t.shape for t in token_rows([ids, {"input_ids": ids[0]}])] == [(2, 16), (1, 16)]
+    with pytest.raises(CalibrationError, match="batch 0: 'attention_mask' has padding"):
+        token_rows([{"input_ids": ids, "attention_mask": torch.tensor([[1] * 16, [1] * 8 + [0] * 8])}])
+    with pytest.raises(CalibrationError, match="text needs the model's tokenizer"):
+        token_rows(["some text"])
+    with pytest.raises(CalibrationError, match="batch 0: expected integer input_ids"):
+        token_rows([torch.randn(2, 16)])
