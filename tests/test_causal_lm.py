@@ -17,8 +17,9 @@ import transformers as T
 from torch import nn
 
 import qpass
-from qpass.causal_lm import is_causal_lm, token_rows
+from qpass.causal_lm import is_causal_lm
 from qpass.errors import CalibrationError, ConfigError
+from qpass.lm_inputs import token_rows
 from qpass.lowering.torch_backend import QuantLinear
 from qpass.lowering.torch_lower import PostRotated, PreRotated
 
@@ -153,3 +154,39 @@ def test_calibration_forms():
         token_rows(["some text"])
     with pytest.raises(CalibrationError, match="batch 0: expected integer input_ids"):
         token_rows([torch.randn(2, 16)])
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-gptq", "w4a8-rotate", "w8a8-smooth-dynamic"])
+def test_save_pretrained_and_load_give_bit_identical_logits(recipe, tmp_path):
+    from safetensors import safe_open
+
+    q = qpass.quantize(_model("llama-tied"), recipe, _calibration())
+    probe = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    q.save_pretrained(tmp_path / "out")
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["config.json", "generation_config.json", "model.safetensors", "qpass_quantization.json"]
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:  # safetensors, no pickle
+        codes = [k for k in f.keys() if k.endswith("::codes")]
+        assert len(codes) == 15
+        if recipe.startswith("w4"):  # 4-bit codes stored two per byte
+            k = "qpass::model.layers.0.self_attn.q_proj::codes"
+            assert f.get_tensor(k).numel() == 64 * 64 // 2
+    loaded = qpass.load(tmp_path / "out")
+    assert type(loaded) is type(q)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=probe).logits, q(input_ids=probe).logits)
+    prompt = probe[:1, :5]
+    assert torch.equal(
+        loaded.generate(prompt, max_new_tokens=6, do_sample=False),
+        q.generate(prompt, max_new_tokens=6, do_sample=False),
+    )
+    loaded.save_pretrained(tmp_path / "again")  # a loaded model saves the same folder
+    assert qpass.load(tmp_path / "again") is not None
+
+
+def test_load_names_the_missing_file(tmp_path):
+    from qpass.errors import ModelLoadError
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"not a qpass model folder \(no qpass_quantization.json\)"):
+        qpass.load(tmp_path)

