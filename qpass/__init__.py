@@ -19,6 +19,7 @@ _PUBLIC = {
     "QPassError": "qpass.errors",
     "Recipe": "qpass.recipe",
     "get_recipe": "qpass.recipe",
+    "export": "qpass.export_ct",
     "load": "qpass.lm_checkpoint",
     "save": "qpass.lm_checkpoint",
 }

@@ -190,3 +190,11 @@ def test_load_names_the_missing_file(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=r"not a qpass model folder \(no qpass_quantization.json\)"):
         qpass.load(tmp_path)
+
+
+def test_compiling_the_quantized_lm_with_the_qpass_backend_keeps_its_tokens():
+    q = qpass.quantize(_model("llama-tied"), "w8a8-dynamic", _calibration())
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
+    eager = q.generate(prompt, max_new_tokens=6, do_sample=False)
+    q.forward = torch.compile(q.forward, backend="qpass")  # Inductor over the QuantLinear kernel ops
+    assert torch.equal(q.generate(prompt, max_new_tokens=6, do_sample=False), eager)

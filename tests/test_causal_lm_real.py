@@ -1,0 +1,55 @@
+"""The real SmolLM2-135M (Llama, tied embeddings, loaded from its GGUF with the cache on) through
+`qpass.quantize`: the result is the same transformers model, generating on its KV cache.
+
+One quantization per recipe per test session (module fixture); calibration is packed text of the
+corpus's "calib" split, the prompts are unrelated.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qpass
+from qpass import zoo
+from qpass.lowering.torch_backend import QuantLinear
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "In Python, a list comprehension"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tok = zoo.load_smollm2()
+    model.config.use_cache = True  # the zoo turns it off for graph capture; users keep it on
+    fp = {}
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt").input_ids
+        fp[p] = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+    return model, tok, fp
+
+
+def _quantize(smollm2, recipe):
+    model, tok, _ = smollm2
+    return qpass.quantize(
+        model, recipe, calibration=zoo.text_corpus("calib"), tokenizer=tok, seq_len=128, max_rows=8
+    )
+
+
+def test_smooth_w8a8_keeps_the_first_8_greedy_tokens(smollm2):
+    _, tok, fp = smollm2
+    q = _quantize(smollm2, "w8a8-smooth-dynamic")
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 30 * 7 + 1  # every linear, head included
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt").input_ids
+        out = q.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+        assert torch.equal(out, fp[p]), (p, tok.decode(out), tok.decode(fp[p]))
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-gptq", "w4a8-rotate"])
+def test_low_bit_recipes_generate(smollm2, recipe):
+    _, tok, _ = smollm2
+    q = _quantize(smollm2, recipe)
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    out = q.generate(ids, max_new_tokens=8, do_sample=True, top_k=20)
+    assert out.shape == (1, ids.shape[1] + 8)
+    assert q.config.use_cache and type(q).__name__ == "LlamaForCausalLM"
