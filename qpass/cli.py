@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 
 from qpass.cli_commands import COMMANDS
+from qpass.cli_lm import add_generate_parser
 from qpass.cli_steps import Console
 from qpass.errors import QPassError
 
@@ -97,12 +98,16 @@ def _parser() -> argparse.ArgumentParser:
         "load: qpass.registry.register_qpass_ops(); torch.export.load(path).module()) "
         "plus the recipe as OUT-stem.recipe.yaml.",
     )
-    q.add_argument("input", help="an .onnx model (opened read-only) or a torch 'module:factory'")
+    q.add_argument(
+        "input",
+        help="an .onnx model (opened read-only), a torch 'module:factory', or a transformers causal LM "
+        "folder / shipped name (smollm2, qwen25: written as a folder that `qpass generate` runs)",
+    )
     q.add_argument(
         "-o",
         "--output",
         required=True,
-        help="output .onnx (ONNX input) or .pt2 (torch input), written atomically",
+        help="output .onnx (ONNX input), .pt2 (torch input) or folder (causal LM), written atomically",
     )
     q.add_argument(
         "--recipe", required=True, help="built-in recipe name (see `qpass recipes`) or a recipe file"
@@ -184,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
         "action", nargs="?", choices=["list", "show"], default="list", help="list (default) or show"
     )
     r.add_argument("name", nargs="?", help="recipe name (or file) for `show`")
+    add_generate_parser(sub)
     return p
 
 

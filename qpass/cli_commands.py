@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qpass.cli_lm import generate, is_lm_source, quantize_lm
 from qpass.cli_steps import (
     Console,
     check_model,
@@ -29,6 +30,8 @@ def _quantize(args: argparse.Namespace, console: Console) -> int:
     from qpass.recipe import get_recipe
     from qpass.sources import count_samples
 
+    if is_lm_source(args.input):  # a transformers causal LM: quantized in its modules, saved as a folder
+        return quantize_lm(args, console)
     is_onnx = check_model(args.input)
     recipe = get_recipe(args.recipe)
     if args.report:
@@ -147,4 +150,11 @@ def _recipes(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-COMMANDS = {"quantize": _quantize, "inspect": _inspect, "eval": _eval, "zoo": _zoo, "recipes": _recipes}
+COMMANDS = {
+    "quantize": _quantize,
+    "inspect": _inspect,
+    "eval": _eval,
+    "zoo": _zoo,
+    "recipes": _recipes,
+    "generate": generate,
+}
