@@ -35,7 +35,10 @@ OUT = Path(__file__).resolve().parent / "results"
 
 
 def load(name: str):
-    model, tok = zoo.load_smollm2() if name == "smollm2" else zoo.load_qwen25()
+    # the cached instance (read-only here): qpass.quantize quantizes its own copy
+    model, tok = (
+        zoo.load_smollm2(copy_model=False) if name == "smollm2" else zoo.load_qwen25(copy_model=False)
+    )
     model.config.use_cache = True  # the zoo's SmolLM2 loader turns it off for graph capture
     return model, tok
 

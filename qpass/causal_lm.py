@@ -34,7 +34,7 @@ from torch import nn
 from qpass.errors import ConfigError
 from qpass.graph.edits import EditPlan, SiteNote
 from qpass.graph.fx import FxGraphView
-from qpass.graph.fx_capture import capture, clone_graph_module
+from qpass.graph.fx_capture import capture
 from qpass.lm_checkpoint import attach_saving
 from qpass.lm_graph import PREFIX, Signature, attr, graph_signature, is_linear
 from qpass.lm_inputs import token_rows
@@ -106,7 +106,9 @@ def quantize_causal_lm(
     batches = [(ids,) for ids in token_rows(calibration, tokenizer, seq_len, max_rows)]
     target = model if inplace else copy.deepcopy(model)
     target.eval()
-    gm = clone_graph_module(capture(_Logits(target), batches[0]))
+    # the exported module shares the target's parameter storage: the passes' in-place edits land in
+    # the (private, unless inplace) model directly, with no third copy of the weights
+    gm = capture(_Logits(target), batches[0])
     before = graph_signature(gm)
     view = FxGraphView(gm)
     report, plan = plan_recipe(view, recipe, batches, verify=verify, tolerance=tolerance, progress=progress)
