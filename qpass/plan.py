@@ -33,7 +33,7 @@ def plan_recipe(
         return report, None
     requests = quant_stat_requests(view, recipe.activations, recipe.weights)
     stats = calibrate(view, batches, requests, progress=progress, desc="quantize") if requests else None
-    plan = plan_quantization(view, stats, recipe.weights, recipe.activations, batches)
+    plan = plan_quantization(view, stats, recipe.weights, recipe.activations, batches, recipe.layers)
     report.results.append(PassResult("quantize", plan))
     return report, plan
 

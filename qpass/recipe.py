@@ -19,9 +19,20 @@ from qpass.errors import ConfigError
 from qpass.pass_base import PassContext, QPass
 from qpass.pass_manager import check_pass_order
 from qpass.qconfig import ActivationQuantConfig, OnnxLoweringConfig, WeightQuantConfig
+from qpass.quant.selection import LayerSelection
 from qpass.registry import PASSES
 
-_TOP_KEYS = ("name", "description", "passes", "weights", "activations", "target", "lowering")
+_TOP_KEYS = (
+    "name",
+    "description",
+    "passes",
+    "weights",
+    "activations",
+    "target",
+    "lowering",
+    "exclude",
+    "only",
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class Recipe:
     activations: ActivationQuantConfig | None = None
     target: Literal["onnxruntime", "torch"] = "onnxruntime"
     lowering: OnnxLoweringConfig = field(default_factory=OnnxLoweringConfig)
+    layers: LayerSelection = field(default_factory=LayerSelection)  # recipe keys `exclude:` / `only:`
 
     def __post_init__(self) -> None:
         # what the passes declare (must run last, formats they need) is checked when the recipe is made
@@ -82,6 +94,7 @@ class Recipe:
                 else from_mapping(ActivationQuantConfig, acts, "activations"),
                 target=target,
                 lowering=from_mapping(OnnxLoweringConfig, data.get("lowering"), "lowering"),
+                layers=LayerSelection.parse(data.get("exclude"), data.get("only"), origin),
             )
         except ConfigError as exc:
             msg = f"{origin}: {exc}"
@@ -117,6 +130,8 @@ class Recipe:
             "activations": to_mapping(self.activations),
             "target": self.target,
             "lowering": to_mapping(self.lowering),
+            **({"exclude": list(self.layers.exclude)} if self.layers.exclude else {}),
+            **({"only": list(self.layers.only)} if self.layers.only else {}),
         }
 
     def to_yaml(self) -> str:

@@ -138,6 +138,11 @@ class FxGraphView(GraphView):
                 out.append(self._const(arg) if arg.op == "get_attr" else ValueRef(arg.name))
         return out
 
+    def scope(self, op: OpRef) -> str:
+        """The module the op was traced in (torch.export's `nn_module_stack`), e.g. `model.layers.0.mlp.down_proj`."""
+        stack = self.node(op).meta.get("nn_module_stack")
+        return list(stack.values())[-1][0] if stack else op.name
+
     def op_output(self, op: OpRef) -> ValueRef:
         return ValueRef(op.name)
 
@@ -359,4 +364,3 @@ class FxGraphView(GraphView):
             if not attr.users:
                 graph.erase_node(attr)
         self.dirty = True
-

@@ -40,6 +40,10 @@ class GraphView(abc.ABC):
     def ops(self, kinds: frozenset[OpKind] = ALL_KINDS) -> Iterator[OpRef]:
         """Ops in topological order, filtered by kind."""
 
+    def scope(self, op: OpRef) -> str:
+        """Where the op came from, for name selectors: the module path on torch.fx, the node name on ONNX."""
+        return op.name
+
     @abc.abstractmethod
     def op_inputs(self, op: OpRef) -> Sequence[ValueRef | ConstRef | None]:
         """The op's tensor operands in order: activations as ValueRef, constants as ConstRef."""

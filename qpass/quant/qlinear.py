@@ -28,6 +28,7 @@ from qpass.qconfig import (
     format_bits,
     is_block_format,
 )
+from qpass.quant.selection import LayerSelection, Selector
 from qpass.quant.weight_quant import LayerWeight, quantize_weight
 
 
@@ -261,6 +262,7 @@ def plan_quantization(
     wcfg: WeightQuantConfig | None,
     acfg: ActivationQuantConfig | None,
     batches: Sequence[Any] | None = None,
+    selection: LayerSelection | None = None,
 ) -> QuantPlan:
     """One ReplaceWithQOp per quantizable linear; skipped layers say why.
 
@@ -274,7 +276,12 @@ def plan_quantization(
 
         chosen, notes = choose_formats(view, stats, wcfg, batches)
         plan.notes.extend(notes)
+    selector = Selector(view, selection) if selection else None
     for op in iter_linear_ops(view):
+        reason = selector.skip_reason(op) if selector else None
+        if reason is not None:
+            plan.notes.append(SiteNote(op.name, False, reason))
+            continue
         ref = view.weight(op)
         assert ref is not None
         if op.kind is not OpKind.LINEAR or len(ref.const.shape) != 2:
