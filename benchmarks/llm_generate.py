@@ -28,7 +28,24 @@ import torch
 import qpass
 from qpass import zoo
 
-RECIPES = ["w8a8-dynamic", "w8a8-smooth-dynamic", "w4a16-gptq", "w4a8-rotate"]
+RECIPES = ["w8a8-dynamic", "w8a8-smooth-dynamic", "w4a16-gptq", "w4a16-gptq+head-fp", "w4a8-rotate"]
+
+
+def recipe_for(name: str):
+    """A built-in recipe, or `<recipe>+head-fp`: the same with the output head left float
+    (`exclude: [output_head]`), to measure what quantizing a tied head costs.
+    """
+    from qpass.recipe import get_recipe
+
+    if name.endswith("+head-fp"):
+        return {
+            **get_recipe(name.removesuffix("+head-fp")).to_dict(),
+            "name": name,
+            "exclude": ["output_head"],
+        }
+    return name
+
+
 PROMPT_TOKENS, NEW_TOKENS, EVAL_ROWS, EVAL_LEN = 128, 128, 8, 256
 CALIB_ROWS, CALIB_LEN = 32, 256
 OUT = Path(__file__).resolve().parent / "results"
@@ -91,7 +108,12 @@ def main(name: str) -> None:
             q, qtime = model, 0.0
         else:
             q = qpass.quantize(
-                model, recipe, calibration=calib, tokenizer=tok, seq_len=CALIB_LEN, max_rows=CALIB_ROWS
+                model,
+                recipe_for(recipe),
+                calibration=calib,
+                tokenizer=tok,
+                seq_len=CALIB_LEN,
+                max_rows=CALIB_ROWS,
             )
             qtime = time.perf_counter() - t
         ppl = zoo.perplexity(lambda x, q=q: q(input_ids=x, use_cache=False), eval_rows)
