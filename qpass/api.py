@@ -81,6 +81,12 @@ def quantize_with_report(
             model, recipe, calibration, verify=verify, tolerance=tolerance, progress=progress, **lm_options
         )
         return QuantizeResult(lm.model, lm.report, lm.recipe)
+    if recipe.kv_cache is not None:
+        msg = (
+            f"recipe '{recipe.name}': key 'kv_cache' applies to transformers causal LMs (inside their cache); "
+            f"a {type(model).__name__} has no cache qpass can quantize"
+        )
+        raise ConfigError(msg)
     if _is_onnx(model):
         view = open_view(model)
         batches = onnx_batches(view.model, calibration, batch_size)

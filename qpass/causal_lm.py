@@ -38,6 +38,7 @@ from qpass.graph.fx_capture import capture
 from qpass.lm_checkpoint import attach_saving
 from qpass.lm_graph import PREFIX, Signature, attr, graph_signature, is_linear
 from qpass.lm_inputs import token_rows
+from qpass.lm_kv_cache import attach_kv_cache
 from qpass.lm_rotations import online_rotations, place_rotations
 from qpass.pass_manager import PassReport, PassResult, max_relative_error
 from qpass.plan import plan_recipe
@@ -122,6 +123,8 @@ def quantize_causal_lm(
         _swap_linears(view, plan, target, params)
     target.qpass_recipe = recipe.to_dict()
     attach_saving(target)
+    if recipe.kv_cache is not None:
+        attach_kv_cache(target, recipe.kv_cache)
     return CausalLMResult(target, report, recipe)
 
 

@@ -144,6 +144,13 @@ def load_lm(directory: str | os.PathLike) -> nn.Module:
         raise ModelLoadError(msg)
     model.qpass_recipe = manifest["recipe"]
     attach_saving(model)
+    kv = (manifest["recipe"] or {}).get("kv_cache")
+    if kv is not None:  # the recipe's cache quantization comes back with the model
+        from qpass.config import from_mapping
+        from qpass.lm_kv_cache import attach_kv_cache
+        from qpass.qconfig import KVCacheConfig
+
+        attach_kv_cache(model, from_mapping(KVCacheConfig, kv, "kv_cache"))
     return model
 
 

@@ -305,3 +305,35 @@ class OnnxLoweringConfig:
         if self.accuracy_level not in range(5):
             msg = f"recipe key 'lowering.accuracy_level': expected 0..4, got {self.accuracy_level}"
             raise ConfigError(msg)
+
+
+KV_FORMATS = ("int8", "int4", "fp8_e4m3")
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """The recipe's `kv_cache:` section (qpass.lm_kv_cache): how keys and values are stored."""
+
+    format: str = "int8"
+    k_granularity: Literal["per_channel", "per_token"] = "per_channel"
+    v_granularity: Literal["per_token", "per_channel"] = "per_token"
+    rotate: Literal["none", "hadamard"] = "none"
+    residual: int = 32  # most recent tokens kept in float
+    group: int = 32  # tokens sharing a per-channel scale
+    symmetric: bool = False  # integers: asymmetric (min/max) by default, as KIVI
+
+    def __post_init__(self) -> None:
+        if self.format not in KV_FORMATS:
+            msg = f"recipe key 'kv_cache.format': {self.format!r}; expected one of {KV_FORMATS}"
+            raise ConfigError(msg)
+        for key, value, allowed in (
+            ("k_granularity", self.k_granularity, ("per_channel", "per_token")),
+            ("v_granularity", self.v_granularity, ("per_token", "per_channel")),
+            ("rotate", self.rotate, ("none", "hadamard")),
+        ):
+            if value not in allowed:
+                msg = f"recipe key 'kv_cache.{key}': {value!r}; expected one of {allowed}"
+                raise ConfigError(msg)
+        if self.residual < 0 or self.group < 1:
+            msg = f"recipe key 'kv_cache': residual >= 0 and group >= 1 needed, got {self.residual}, {self.group}"
+            raise ConfigError(msg)

@@ -18,7 +18,7 @@ from qpass.config import from_mapping, to_mapping
 from qpass.errors import ConfigError
 from qpass.pass_base import PassContext, QPass
 from qpass.pass_manager import check_pass_order
-from qpass.qconfig import ActivationQuantConfig, OnnxLoweringConfig, WeightQuantConfig
+from qpass.qconfig import ActivationQuantConfig, KVCacheConfig, OnnxLoweringConfig, WeightQuantConfig
 from qpass.quant.selection import LayerSelection
 from qpass.registry import PASSES
 
@@ -32,6 +32,7 @@ _TOP_KEYS = (
     "lowering",
     "exclude",
     "only",
+    "kv_cache",
 )
 
 
@@ -58,6 +59,7 @@ class Recipe:
     target: Literal["onnxruntime", "torch"] = "onnxruntime"
     lowering: OnnxLoweringConfig = field(default_factory=OnnxLoweringConfig)
     layers: LayerSelection = field(default_factory=LayerSelection)  # recipe keys `exclude:` / `only:`
+    kv_cache: KVCacheConfig | None = None  # transformers LMs: applied inside the cache (qpass.lm_kv_cache)
 
     def __post_init__(self) -> None:
         # what the passes declare (must run last, formats they need) is checked when the recipe is made
@@ -95,6 +97,9 @@ class Recipe:
                 target=target,
                 lowering=from_mapping(OnnxLoweringConfig, data.get("lowering"), "lowering"),
                 layers=LayerSelection.parse(data.get("exclude"), data.get("only"), origin),
+                kv_cache=None
+                if data.get("kv_cache") is None
+                else from_mapping(KVCacheConfig, data["kv_cache"], "kv_cache"),
             )
         except ConfigError as exc:
             msg = f"{origin}: {exc}"
@@ -132,6 +137,7 @@ class Recipe:
             "lowering": to_mapping(self.lowering),
             **({"exclude": list(self.layers.exclude)} if self.layers.exclude else {}),
             **({"only": list(self.layers.only)} if self.layers.only else {}),
+            **({"kv_cache": to_mapping(self.kv_cache)} if self.kv_cache is not None else {}),
         }
 
     def to_yaml(self) -> str:

@@ -198,3 +198,54 @@ def test_compiling_the_quantized_lm_with_the_qpass_backend_keeps_its_tokens():
     eager = q.generate(prompt, max_new_tokens=6, do_sample=False)
     q.forward = torch.compile(q.forward, backend="qpass")  # Inductor over the QuantLinear kernel ops
     assert torch.equal(q.generate(prompt, max_new_tokens=6, do_sample=False), eager)
+
+
+def _through_cache(model, ids, cache, chunk=8):
+    """Teacher-forced logits fed chunk by chunk through `cache` (later chunks read the quantized past)."""
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model(input_ids=ids[:, i : i + chunk], past_key_values=cache, use_cache=True).logits
+                for i in range(0, ids.shape[1], chunk)
+            ],
+            dim=1,
+        )
+
+
+def test_kv_cache_quantization_is_applied_inside_the_cache():
+    from qpass.lm_kv_cache import QuantizedKVCache
+    from qpass.qconfig import KVCacheConfig
+
+    model = _model("qwen2")
+    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+    errors = {}
+    for fmt in ("int8", "int4"):
+        cache = QuantizedKVCache(model.config, KVCacheConfig(format=fmt))
+        errors[fmt] = _rel(_through_cache(model, ids, cache), ref)
+        assert cache.get_seq_length() == 80
+    assert 0 < errors["int8"] < 1e-3 < errors["int4"] < 0.05
+    # tokens inside the float residual window are exact: nothing quantized yet
+    window = QuantizedKVCache(model.config, KVCacheConfig(format="int4", residual=80))
+    assert _rel(_through_cache(model, ids, window), ref) < 1e-6
+
+
+def test_recipe_kv_cache_section_generates_and_survives_save(tmp_path):
+    from qpass.lm_kv_cache import QuantizedKVCache
+
+    recipe = {
+        **qpass.get_recipe("w8a8-dynamic").to_dict(),
+        "name": "kv4",
+        "kv_cache": {"format": "int4", "rotate": "hadamard"},
+    }
+    q = qpass.quantize(_model("llama-tied"), recipe, _calibration())
+    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    out = q.generate(prompt, max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, QuantizedKVCache) and out.sequences.shape == (1, 46)
+    q.save_pretrained(tmp_path / "kv")
+    loaded = qpass.load(tmp_path / "kv")
+    assert loaded.qpass_kv_cache == q.qpass_kv_cache
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=40, do_sample=False), out.sequences)
+    with pytest.raises(ConfigError, match="key 'kv_cache' applies to transformers causal LMs"):
+        qpass.quantize(_Logits(_model("qwen2")), recipe, [(c,) for c in _calibration()])
