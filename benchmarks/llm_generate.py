@@ -4,10 +4,11 @@ prefix, held-out perplexity, for each recipe, measured in one run per model.
 Each recipe goes through `qpass.quantize(model, recipe, calibration=text, tokenizer=tok)`: the
 result is the same transformers class, quantized in its modules, decoding on its own KV cache.
 - prefill: median ms of one forward over 128 prompt tokens (3 runs after a warm-up);
-- decode: 128 greedy steps fed one token each on the model's DynamicCache (after 8 warm-up steps on
+- decode: 128 greedy steps fed one token each on the model's cache (after 8 warm-up steps on
   another cache); tokens/s over all of
   them, and the growth ratio mean(step 100..128) / mean(step 1..28) (flat cost: ~1);
-- perplexity: teacher-forced over held-out rows (`zoo.packed_token_rows(tok, "eval", 256)`),
+- perplexity: teacher-forced over held-out rows (`zoo.packed_token_rows(tok, "eval", 256)`), fed
+  16 tokens at a time through the model's cache (the recipe's quantized cache for the KV rows),
   calibration from the disjoint "calib" split.
 Batch 1, 2 threads. Usage::
 
@@ -28,27 +29,64 @@ import torch
 import qpass
 from qpass import zoo
 
-RECIPES = ["w8a8-dynamic", "w8a8-smooth-dynamic", "w4a16-gptq", "w4a16-gptq+head-fp", "w4a8-rotate"]
-
-
-def recipe_for(name: str):
-    """A built-in recipe, or `<recipe>+head-fp`: the same with the output head left float
-    (`exclude: [output_head]`), to measure what quantizing a tied head costs.
-    """
-    from qpass.recipe import get_recipe
-
-    if name.endswith("+head-fp"):
-        return {
-            **get_recipe(name.removesuffix("+head-fp")).to_dict(),
-            "name": name,
-            "exclude": ["output_head"],
-        }
-    return name
+RECIPES = [
+    "w8a8-dynamic",
+    "w8a8-smooth-dynamic",
+    "w4a16-gptq",
+    "w4a16-gptq+head-fp",
+    "w4a8-rotate",
+    "fp32+kv8",
+    "fp32+kv4",
+    "w8a8-smooth-dynamic+kv8",
+    "w8a8-smooth-dynamic+kv4",
+]
+KV = {"kv8": {"format": "int8"}, "kv4": {"format": "int4", "rotate": "hadamard"}}
 
 
 PROMPT_TOKENS, NEW_TOKENS, EVAL_ROWS, EVAL_LEN = 128, 128, 8, 256
 CALIB_ROWS, CALIB_LEN = 32, 256
 OUT = Path(__file__).resolve().parent / "results"
+
+
+def recipe_for(name: str):
+    """A built-in recipe, `<recipe>+head-fp` (the output head left float: `exclude: [output_head]`,
+    to measure what quantizing a tied head costs), or `<recipe|fp32>+kv8|kv4` (the recipe's
+    `kv_cache:` section: INT8, or INT4 with a Hadamard on K).
+    """
+    from qpass.recipe import get_recipe
+
+    base, _, extra = name.partition("+")
+    data = {"name": name} if base == "fp32" else {**get_recipe(base).to_dict(), "name": name}
+    if extra == "head-fp":
+        data["exclude"] = ["output_head"]
+    elif extra in KV:
+        data["kv_cache"] = KV[extra]
+    return data
+
+
+def ppl_through_cache(model, rows: torch.Tensor, chunk: int = 16) -> float:
+    """Teacher-forced perplexity fed `chunk` tokens at a time through the model's own cache (its
+    recipe's quantized cache where it has one): later chunks read the quantized past.
+    """
+    import math
+
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            x = row[None]
+            cache = _cache(model)
+            logits = torch.cat(
+                [
+                    model(input_ids=x[:, i : i + chunk], past_key_values=cache, use_cache=True).logits
+                    for i in range(0, x.shape[1], chunk)
+                ],
+                dim=1,
+            )
+            total += float(F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum").double())
+            count += x.shape[1] - 1
+    return math.exp(total / count)
 
 
 def load(name: str):
@@ -71,6 +109,16 @@ def prefill_ms(model, ids: torch.Tensor) -> float:
     return 1000 * statistics.median(times)
 
 
+def _cache(model):
+    """The cache generate() would use: the recipe's quantized cache where it has one."""
+    from transformers import DynamicCache
+
+    from qpass.lm_kv_cache import QuantizedKVCache
+
+    kv = getattr(model, "qpass_kv_cache", None)
+    return QuantizedKVCache(model.config, kv) if kv is not None else DynamicCache(config=model.config)
+
+
 def decode_steps(model, ids: torch.Tensor) -> list[float]:
     """Seconds of each of NEW_TOKENS greedy steps on the model's own cache."""
     from transformers import DynamicCache
@@ -82,7 +130,7 @@ def decode_steps(model, ids: torch.Tensor) -> list[float]:
             warm = model(
                 input_ids=warm.logits[:, -1:].argmax(-1), past_key_values=warm.past_key_values, use_cache=True
             )
-        cache = DynamicCache(config=model.config)
+        cache = _cache(model)
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(NEW_TOKENS):
@@ -116,7 +164,7 @@ def main(name: str) -> None:
                 max_rows=CALIB_ROWS,
             )
             qtime = time.perf_counter() - t
-        ppl = zoo.perplexity(lambda x, q=q: q(input_ids=x, use_cache=False), eval_rows)
+        ppl = ppl_through_cache(q, eval_rows)
         fp_ppl = fp_ppl or ppl
         pre = prefill_ms(q, prompt)
         steps = decode_steps(q, prompt)
@@ -134,7 +182,8 @@ def main(name: str) -> None:
         f"load average after the run {load_avg[0]:.2f} / {load_avg[1]:.2f} / {load_avg[2]:.2f}.",
         f"Calibration: {CALIB_ROWS} packed rows x {CALIB_LEN} tokens of the 'calib' split; perplexity over "
         f"{EVAL_ROWS} x {EVAL_LEN} held-out tokens ('eval' split, disjoint). Prefill: {PROMPT_TOKENS} tokens. "
-        f"Decode: {NEW_TOKENS} greedy steps on the model's DynamicCache; growth = mean step 100-128 / mean step 1-28.",
+        f"Decode: {NEW_TOKENS} greedy steps on the model's cache (the quantized one for KV rows); "
+        "growth = mean step 100-128 / mean step 1-28.",
         "",
         "| recipe | quantize s | perplexity | vs FP32 | prefill ms | decode tok/s | decode growth |",
         "|---|---:|---:|---:|---:|---:|---:|",
