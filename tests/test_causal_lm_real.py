@@ -70,3 +70,17 @@ def test_low_bit_recipes_generate(smollm2, recipe):
     out = q.generate(ids, max_new_tokens=8, do_sample=True, top_k=20)
     assert out.shape == (1, ids.shape[1] + 8)
     assert q.config.use_cache and type(q).__name__ == "LlamaForCausalLM"
+
+
+def test_qwen25_smooth_w8a8_generates_and_tracks_fp32():
+    """Qwen2.5-Coder-0.5B (attention biases, GQA 14/2, tied head), loaded from its GGUF as shipped."""
+    model, tok = zoo.load_qwen25(copy_model=False)
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    fp = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+    assert tok.decode(fp) == " Paris. Paris is located in the north"
+    q = qpass.quantize(
+        model, "w8a8-smooth-dynamic", zoo.text_corpus("calib"), tokenizer=tok, seq_len=128, max_rows=8
+    )
+    assert type(q).__name__ == "Qwen2ForCausalLM" and q.config.use_cache
+    out = q.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+    assert torch.equal(out, fp), tok.decode(out)
