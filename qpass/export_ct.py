@@ -8,16 +8,15 @@ scales, zero points and act-order `g_idx`, so the checkpoint decodes to exactly 
   with `actorder: group` where GPTQ permuted the groups;
 - W8A8 with dynamic per-token activations: `int-quantized`, per-channel weight scales.
 Refused with the reason: online rotations (the format has no op for them), LoRC / kept weights /
-LLM.int8 float parts, output-row groups, static activation ranges, float and block formats, and a
-short last group (compressed-tensors' groups must divide the input width: pick a group that does).
+LLM.int8 float parts, output-row groups, static activation ranges, float and block formats,
+asymmetric sub-8-bit weights (they do not load back, see `_weight_args`), and a short last group
+(compressed-tensors' groups must divide the input width: pick a group that does).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qpass.errors import ConfigError
+from qpass.io import atomic_folder
 from qpass.qconfig import ActGranularity
 from qpass.quant.linear_form import LinearForm, linear_form
 from qpass.quant.qlinear import QLinear
@@ -41,6 +41,16 @@ def _weight_args(q: QLinear, where: str) -> dict[str, Any]:
         msg = f"module '{where}': groups along the output rows have no compressed-tensors form"
         raise ConfigError(msg)
     k = q.codes.shape[1]
+    if q.zero_points is not None and q.bits < 8:
+        # compressed-tensors packs zero points when compressing, but its loader builds the
+        # compressed layout on the meta device without packing them ([out, groups] against the
+        # file's [out / (32 / bits), groups]): transformers refuses such a checkpoint (measured with
+        # compressed-tensors 0.20.1), so an asymmetric sub-8-bit export would not load
+        msg = (
+            f"module '{where}': asymmetric {q.bits}-bit weights do not load back from compressed-tensors "
+            "(its loader expects unpacked zero points); export a symmetric recipe (e.g. w4a16-gptq)"
+        )
+        raise ConfigError(msg)
     args: dict[str, Any] = {"num_bits": q.bits, "type": "int", "symmetric": q.zero_points is None}
     if q.group_size is None or q.group_size >= k:
         args["strategy"] = "channel"
@@ -148,21 +158,13 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, toke
     config = model.config.to_dict()
     config["tie_word_embeddings"] = False  # a quantized head cannot share the float embedding table
     config["quantization_config"] = qconfig.model_dump(mode="json")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -99,6 +99,34 @@ def _refuse_overwriting_sources(model: ir.Model, data_path: Path) -> None:
         raise OutputPathError(msg)
 
 
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A temp folder beside `out` to fill; it takes `out`'s name only if the block finishes.
+
+    An existing `out` is moved aside first and removed after the rename, so `out` is at every
+    moment the old folder, the complete new one, or (between two renames) absent: never partial.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        msg = f"{out}: cannot write the output folder ({exc.strerror or exc}); nothing was written"
+        raise OutputPathError(msg) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_onnx(
     model: onnx.ModelProto | ir.Model, out: str | os.PathLike, *, external_data: bool | None = None
 ) -> Path:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qpass.errors import ModelLoadError
+from qpass.io import atomic_folder
 from qpass.quant.linear_form import LinearForm, linear_form
 from qpass.quant.qlinear_state import qlinear_from_state, qlinear_to_state
 from qpass.registry import PostRotated, PreRotated, Rotation, quant_module
@@ -82,20 +81,12 @@ def save_lm(model: nn.Module, directory: str | os.PathLike) -> None:
         "wrappers": wrappers,
         "tied": aliases,
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_folder(directory) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "qpass"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_lm(directory: str | os.PathLike) -> nn.Module:

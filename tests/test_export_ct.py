@@ -102,6 +102,11 @@ def test_short_last_group_and_online_rotations_are_refused(tmp_path):
         ConfigError, match=r"48 input channels in groups of 32 leave a short last group.*e\.g\. 24"
     ):
         export_compressed_tensors(q, tmp_path / "ct")
+    a = qpass.quantize(_model(), {"name": "g32", **_recipe("w4a16")}, _calibration())  # asymmetric int4
+    with pytest.raises(
+        ConfigError, match="asymmetric 4-bit weights do not load back from compressed-tensors"
+    ):
+        export_compressed_tensors(a, tmp_path / "ct")
     r = qpass.quantize(_model(), "w4a8-rotate", _calibration())
     with pytest.raises(ConfigError, match="online rotation, which compressed-tensors cannot hold"):
         export_compressed_tensors(r, tmp_path / "ct2")
