@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qpass.cli_lm import generate, is_lm_source, quantize_lm
+from qpass.cli_lm import generate, is_lm_source, lm_eval_model, quantize_lm
 from qpass.cli_steps import (
     Console,
     check_model,
@@ -83,6 +83,8 @@ def _eval_model(spec: str, input_names: list[str] | None = None) -> Any:
         torch_input_names,
     )
 
+    if is_lm_source(spec):
+        return lm_eval_model(spec)
     if is_onnx_path(spec):
         if not Path(spec).is_file():
             msg = f"{spec}: no such ONNX file"
@@ -99,7 +101,8 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     from qpass.sources import check_model_spec
 
     for spec in (args.fp, args.quant):
-        check_model_spec(spec)
+        if not is_lm_source(spec):
+            check_model_spec(spec)
     chunks = load_chunks(args, args.data, console, "evaluating on")
     fp = _eval_model(args.fp)
     # a .pt2 takes the FP model's inputs (it was exported from it)

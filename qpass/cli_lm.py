@@ -110,3 +110,27 @@ def add_generate_parser(sub: Any) -> None:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quiet", action="store_true", help="print only errors (and the text)")
+
+
+def lm_eval_model(spec: str) -> Any:
+    """`qpass eval` on a causal LM: an FP folder or shipped name, or a folder `qpass quantize` wrote;
+    called with `input_ids` (and the data's `attention_mask`), its output the logits.
+    """
+    import torch
+
+    from qpass.evaluate import torch_model
+    from qpass.lm_checkpoint import MANIFEST, load_lm
+
+    model = load_lm(spec) if (Path(spec) / MANIFEST).is_file() else load_lm_source(spec)[0]
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = model
+
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return torch_model(spec, Logits().eval(), ["input_ids", "attention_mask"])

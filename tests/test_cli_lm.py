@@ -64,3 +64,22 @@ def test_output_over_the_input_is_refused(lm_folder):
     assert res.stderr.strip().splitlines() == [
         f"qpass: error: {lm_folder / 'fp'}: the output folder is the input model; choose another"
     ]
+
+
+def test_eval_lm_compares_the_folders(lm_folder):
+    import json
+
+    out = lm_folder / "q8"
+    res = _qpass(
+        "quantize", str(lm_folder / "fp"), "-o", str(out), "--recipe", "w8a8-dynamic",
+        "--calib", str(lm_folder / "calib.txt"), "--max-len", "64", "--quiet",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    res = _qpass(
+        "eval", str(lm_folder / "fp"), str(out), "--data", str(lm_folder / "calib.txt"),
+        "--tokenizer", str(lm_folder / "fp"), "--task", "lm", "--max-len", "32", "--json", "--quiet",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    fp, q = doc["perplexity_fp"], doc["perplexity_quant"]
+    assert fp > 1 and q > 1 and abs(q / fp - 1) < 0.05  # a random model: W8A8 barely moves it
