@@ -179,7 +179,7 @@ class _Accumulator:
         clean = None if bool(finite.all()) else torch.where(finite, rows, 0.0)
         if clean is not None and bool(torch.isnan(rows).any()):
             row = int(torch.isnan(rows).any(1).int().argmax())
-            msg = f"calibration produced NaN at '{self.name}' ({where}row {row})"
+            msg = f"calibration produced NaN at '{self.name}' ({where}row {row}): the model computes NaN on this data"
             raise CalibrationError(msg)
         if clean is None:
             amax, amin, absmax = rows.amax(0), rows.amin(0), rows.abs().amax(0)

@@ -217,6 +217,12 @@ CASES = [
         CalibrationError,
         rf"nan\.npz: input 'x' contains NaN \(first at index \({', '.join(map(str, FIRST_BIG))}\)\)$",
     ),
+    BadCase(  # inf is data and accepted, but LayerNorm turns a row holding inf into NaN
+        "inf_into_layernorm_computes_nan",
+        lambda f: _call(f, calib=_npz(f.folder, "inf.npz", x=np.where(calib_x() > 2, np.inf, calib_x()))),
+        CalibrationError,
+        r"calibration produced NaN at 'h\d' \(batch 0, row \d+\): the model computes NaN on this data$",
+    ),
     BadCase(
         "nan_in_one_feed_of_a_folder",
         lambda f: _call(f, calib=_feed_folder(f)),

@@ -22,7 +22,7 @@ from torch import nn
 
 import qpass
 from qpass.calibration import StatKind, StatRequest, calibrate
-from qpass.data import Batches, Feeds, onnx_batches, verification_feeds
+from qpass.data import Batches, onnx_batches, verification_feeds
 from qpass.errors import CalibrationError, PassError
 from qpass.graph.edits import EditPlan, ScaleChannels
 from qpass.graph.onnx import OnnxGraphView
@@ -95,7 +95,7 @@ def _close_to_fp(q, model_path, feeds, bound: float = 0.05) -> None:
 
 def test_feeds_run_as_is_and_are_all_verified(model_path):
     view = OnnxGraphView(load_model(model_path))
-    batches = onnx_batches(view.model, Feeds(FEEDS), batch_size=1)
+    batches = onnx_batches(view.model, qpass.Feeds(FEEDS), batch_size=1)
     assert len(batches) == 3 and len(verification_feeds(batches)) == 3
     for got, want in zip(batches, FEEDS, strict=True):
         assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
@@ -103,7 +103,7 @@ def test_feeds_run_as_is_and_are_all_verified(model_path):
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w8a8-smooth"])
 def test_static_w8a8_on_explicit_feeds_is_finite_and_close(model_path, recipe):
-    result = qpass.quantize_with_report(str(model_path), recipe, Feeds(FEEDS))
+    result = qpass.quantize_with_report(str(model_path), recipe, qpass.Feeds(FEEDS))
     assert result.report.results[-1].plan.edits  # the linears were quantized
     _close_to_fp(result.model, model_path, FEEDS)
 
@@ -144,7 +144,7 @@ def test_nan_is_refused_naming_the_input_and_index(model_path):
     with pytest.raises(
         CalibrationError, match=r"^feed 1: input 'gamma' contains NaN \(first at index \(3,\)\)$"
     ):
-        qpass.quantize(str(model_path), "w8a8", Feeds([FEEDS[0], bad]))
+        qpass.quantize(str(model_path), "w8a8", qpass.Feeds([FEEDS[0], bad]))
     scalar = dict(FEEDS[0], temperature=np.array(np.nan, np.float32))
     with pytest.raises(CalibrationError, match=r"input 'temperature' contains NaN \(first at index \(\)\)"):
         qpass.quantize(str(model_path), "w8a8", scalar)
@@ -192,7 +192,7 @@ def test_every_feed_is_verified_with_the_same_tolerance(model_path):
     """Feed 0 has x = 0 (the edit is invisible on it); the failure shows on feed 1 and is named."""
     zero = dict(FEEDS[0], x=np.zeros_like(FEEDS[0]["x"]))
     view = OnnxGraphView(load_model(model_path))
-    feeds = onnx_batches(view.model, Feeds([zero, FEEDS[1]]))
+    feeds = onnx_batches(view.model, qpass.Feeds([zero, FEEDS[1]]))
     with pytest.raises(PassError, match=r"scale_first_weight.*on verification feed 1 of 2"):
         run_pass(view, ScaleFirstWeight(None), feeds, PassContext())
     view = OnnxGraphView(load_model(model_path))  # only the first batch of split data: not caught
@@ -209,7 +209,7 @@ def test_infinite_outputs_compare_equal_when_they_match():
 def test_torch_module_with_explicit_feeds():
     module = MaskedAttention().eval()
     feeds = [{n: torch.from_numpy(f[n]) for n in INPUTS} for f in (FEEDS[0], feed(2, 6, 3))]
-    q = qpass.quantize(module, "w8a8", Feeds(feeds))
+    q = qpass.quantize(module, "w8a8", qpass.Feeds(feeds))
     for f in feeds:
         got, ref = q(**f), module(**f)
         assert torch.isfinite(got).all() and float((got - ref).norm() / ref.norm()) < 0.05
@@ -218,7 +218,7 @@ def test_torch_module_with_explicit_feeds():
     with pytest.raises(
         CalibrationError, match=r"feed 1 input 'memory' contains NaN \(first at index \(2, 4\)\)"
     ):
-        qpass.quantize(module, "w8a8", Feeds([feeds[0], bad]))
+        qpass.quantize(module, "w8a8", qpass.Feeds([feeds[0], bad]))
 
 
 # ----------------------------------------------------------------------------- CLI
