@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
+from models import MEM, MaskedAttention
 
 import qpass
 from qpass.calibration import StatKind, StatRequest, calibrate
@@ -32,23 +32,8 @@ from qpass.graph.view import iter_linear_ops
 from qpass.pass_base import PassContext, QPass
 from qpass.pass_manager import max_relative_error, run_pass
 
-DIM, MEM = 16, 5
 INPUTS = ("x", "attn_mask", "gamma", "temperature", "memory")
-
-
-class MaskedAttention(nn.Module):
-    """Scores + additive mask -> softmax; per-channel gamma, scalar temperature, a [MEM, DIM] memory."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
-        self.mem = nn.Linear(DIM, DIM)
-
-    def forward(self, x, attn_mask, gamma, temperature, memory):
-        h = x * gamma
-        scores = self.q(h) @ self.k(h).transpose(-1, -2) / temperature + attn_mask
-        return self.o(scores.softmax(-1) @ self.v(h)) + self.mem(memory).mean(0)
+DIM = 16
 
 
 def feed(batch: int, seq: int, seed: int, valid: int | None = None) -> dict[str, np.ndarray]:
@@ -293,3 +278,36 @@ def test_cli_nan_in_a_feed_is_one_line_naming_file_input_and_index(model_path, t
             "b.npz: input 'x' contains NaN (first at index (2, 1, 5))"
         ), lines[0]
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_cli_torch_factory_with_feeds(tmp_path):
+    """`qpass quantize cli_models:masked_attention --feeds`: each .npz one keyword batch, as is."""
+    from pathlib import Path
+
+    from qpass.registry import register_qpass_ops
+
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    feeds = [feed(2, 6, 5), feed(2, 6, 6)]
+    for i, f in enumerate(feeds):
+        np.savez(folder / f"f{i}.npz", **f)
+    out = tmp_path / "m.q.pt2"
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    proc = subprocess.run(
+        [sys.executable, "-P", "-m", "qpass", "quantize", "cli_models:masked_attention", "-o", str(out)]
+        + ["--recipe", "w8a8", "--calib", str(folder), "--feeds"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "calibrating on 2 feeds" in proc.stderr
+    register_qpass_ops()
+    loaded = torch.export.load(str(out)).module()
+    fp = MaskedAttention().eval()
+    for f in feeds:
+        t = {k: torch.from_numpy(v) for k, v in f.items()}
+        with torch.no_grad():
+            got, ref = loaded(**t), fp(**t)
+        assert torch.isfinite(got).all() and float((got - ref).norm() / ref.norm()) < 0.05
