@@ -16,6 +16,7 @@ _PUBLIC = {
     "quantize_with_report": "qpass.api",
     "Stats": "qpass.calibration",
     "calibrate": "qpass.calibration",
+    "Feeds": "qpass.data",
     "QPassError": "qpass.errors",
     "Recipe": "qpass.recipe",
     "get_recipe": "qpass.recipe",

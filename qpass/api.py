@@ -70,6 +70,10 @@ def quantize_with_report(
 ) -> QuantizeResult:
     """Capture, run the recipe's passes (verified), calibrate, quantize and lower.
 
+    `calibration`: ONNX: a mapping {input: array}, a list of them, an .npz path, a folder of
+    .npz (one feed each) or `qpass.Feeds` (explicit feeds, each run as is and verified on);
+    torch: an iterable of batches or `Feeds`. See `qpass.data` for how mappings are batched.
+
     ONNX: `model` is a ModelProto, or with `as_proto=False` the onnx-ir Model itself (no
     serialized copy of a big model in memory; `quantize_file` saves it streaming).
     A transformers causal LM comes back as the same kind of model, quantized in its modules

@@ -1,7 +1,15 @@
 """Calibration: stream batches through a graph and collect per-input-channel statistics.
 
-Statistics are keyed by value name, channel axis last. Rows masked out by an
-`attention_mask` in the batch are ignored (pad tokens would wreck static ranges).
+Statistics are keyed by value name, channel axis last (a scalar is one row of one channel; no
+statistic assumes a batch axis). Rows masked out by an `attention_mask` in the batch are ignored
+(pad tokens would wreck static ranges): a 0/1 mask keeps its nonzero positions, a float additive
+mask (0 keep, negative or -inf drop) its positions above -1.
+
+Infinite entries are data (an additive -inf mask flowing into a value) and are ignored by every
+statistic: ranges and absmax are over the finite entries of each channel (a channel with none
+gets 0), moments count each channel's finite entries, X^T X and the moments' sums drop them, and
+the sampled rows hold them as 0. A NaN in a calibrated value is an error naming the
+value, the batch and the row.
 Saved as .npz (never pickled) or .safetensors.
 """
 
@@ -53,6 +61,7 @@ class ChannelStats:
     sumsq: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
     samples: torch.Tensor | None = None
+    counts: torch.Tensor | None = None  # per-channel number of finite entries (with MOMENTS)
 
     @property
     def channels(self) -> int:
@@ -63,7 +72,8 @@ class ChannelStats:
         if self.sum is None:
             msg = "mean was not collected (request StatKind.MOMENTS)"
             raise CalibrationError(msg)
-        return self.sum / max(self.count, 1)
+        n = self.counts.clamp_min(1) if self.counts is not None else max(self.count, 1)
+        return self.sum / n
 
     @property
     def var(self) -> torch.Tensor:
@@ -71,7 +81,8 @@ class ChannelStats:
             msg = "variance was not collected (request StatKind.MOMENTS)"
             raise CalibrationError(msg)
         mean = self.mean
-        return (self.sumsq / max(self.count, 1) - mean * mean).clamp_min(0)
+        n = self.counts.clamp_min(1) if self.counts is not None else max(self.count, 1)
+        return (self.sumsq / n - mean * mean).clamp_min(0)
 
     @property
     def tensor_min(self) -> float:
@@ -82,7 +93,7 @@ class ChannelStats:
         return float(self.max.max())
 
 
-_FIELDS = ("absmax", "min", "max", "sum", "sumsq", "xtx", "samples")
+_FIELDS = ("absmax", "min", "max", "sum", "sumsq", "xtx", "samples", "counts")
 
 
 @dataclass
@@ -160,39 +171,63 @@ class _Accumulator:
         self.stats: ChannelStats | None = None
         self.seen = 0
 
-    def update(self, rows: torch.Tensor) -> None:
+    def update(self, rows: torch.Tensor, where: str = "") -> None:
         rows = rows.detach().to(torch.float32)
         if rows.numel() == 0:
             return
-        amax, amin = rows.amax(0), rows.amin(0)
-        # NaN propagates into the per-channel extremes and Inf shows up in them: one pass checks all
-        if not (torch.isfinite(amax).all() and torch.isfinite(amin).all()):
-            msg = f"calibration produced non-finite values (NaN/Inf) at '{self.name}'"
+        finite = torch.isfinite(rows)
+        clean = None if bool(finite.all()) else torch.where(finite, rows, 0.0)
+        if clean is not None and bool(torch.isnan(rows).any()):
+            row = int(torch.isnan(rows).any(1).int().argmax())
+            msg = f"calibration produced NaN at '{self.name}' ({where}row {row}): the model computes NaN on this data"
             raise CalibrationError(msg)
+        if clean is None:
+            amax, amin, absmax = rows.amax(0), rows.amin(0), rows.abs().amax(0)
+        else:  # infinite entries are data (an additive mask), not a range: over finite entries only
+            inf = torch.tensor(float("inf"))
+            amax, amin = torch.where(finite, rows, -inf).amax(0), torch.where(finite, rows, inf).amin(0)
+            absmax = clean.abs().amax(0)
         st = self.stats
         if st is None:
             c = rows.shape[1]
             st = self.stats = ChannelStats(absmax=torch.zeros(c), min=amin.clone(), max=amax.clone())
             if StatKind.MOMENTS in self.kinds:
                 st.sum, st.sumsq = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+                st.counts = torch.zeros(c, dtype=torch.float64)
             if StatKind.XTX in self.kinds:
                 st.xtx = torch.zeros(c, c, dtype=torch.float64)
         elif rows.shape[1] != st.channels:
             msg = f"value '{self.name}' changed width between batches ({st.channels} -> {rows.shape[1]})"
             raise CalibrationError(msg)
-        torch.maximum(st.absmax, torch.maximum(amax.abs(), amin.abs()), out=st.absmax)
+        torch.maximum(st.absmax, absmax, out=st.absmax)
         torch.minimum(st.min, amin, out=st.min)
         torch.maximum(st.max, amax, out=st.max)
         st.count += rows.shape[0]
-        if st.sum is not None and st.sumsq is not None:
-            r64 = rows.to(torch.float64)
+        r64 = (
+            (rows if clean is None else clean).to(torch.float64)
+            if st.sum is not None or st.xtx is not None
+            else None
+        )
+        if st.sum is not None and st.sumsq is not None and st.counts is not None and r64 is not None:
             st.sum += r64.sum(0)
             st.sumsq += (r64 * r64).sum(0)
-        if st.xtx is not None:
-            r64 = rows.to(torch.float64)
+            st.counts += finite.sum(0).to(torch.float64)
+        if st.xtx is not None and r64 is not None:
             st.xtx += r64.T @ r64
         if StatKind.SAMPLES in self.kinds:
-            self._reservoir(rows)
+            self._reservoir(rows if clean is None else clean)
+
+    def finish(self) -> ChannelStats | None:
+        """The statistics; a channel that saw no finite entry gets min = max = 0."""
+        st = self.stats
+        if st is not None:
+            empty = st.min > st.max
+            if bool(empty.any()):
+                st.min[empty] = 0.0
+                st.max[empty] = 0.0
+            if st.samples is None and StatKind.SAMPLES in self.kinds:
+                st.samples = torch.empty(0, st.channels)
+        return st
 
     def _reservoir(self, rows: torch.Tensor) -> None:
         """Uniform sample of rows over the whole stream (vectorised reservoir sampling)."""
@@ -201,6 +236,8 @@ class _Accumulator:
         n = rows.shape[0]
         if st.samples is None:
             st.samples = torch.empty(0, rows.shape[1])
+        if n == 0:
+            return
         room = self.max_samples - st.samples.shape[0]
         if room > 0:
             take = rows[:room]
@@ -231,7 +268,14 @@ def _row_mask(batch: Any, value: torch.Tensor) -> torch.Tensor | None:
     mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
     if tuple(mask.shape) != tuple(value.shape[:2]):
         return None
-    return mask.reshape(-1) != 0
+    return keep_positions(mask).reshape(-1)
+
+
+def keep_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Which positions a padding mask keeps: nonzero of a 0/1 mask; above -1 of an additive mask."""
+    if mask.is_floating_point() and bool((mask < 0).any()):
+        return mask > -1
+    return mask != 0
 
 
 def as_rows(value: torch.Tensor, batch: Any = None) -> torch.Tensor:
@@ -269,15 +313,16 @@ def calibrate(
     bar = tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False)
     stream = view.observe_stream(values, batches)
     try:
-        for batch, observed in zip(bar, stream, strict=True):
+        for i, (batch, observed) in enumerate(zip(bar, stream, strict=True)):
             for name, acc in accs.items():
-                acc.update(as_rows(observed[name], batch))
+                acc.update(as_rows(observed[name], batch), f"batch {i}, ")
     finally:
         stream.close()  # adapters remove their probes here
     out = Stats()
     for name, acc in accs.items():
-        if acc.stats is None:
+        st = acc.finish()
+        if st is None:
             msg = f"calibration saw no rows for '{name}' (all masked out?)"
             raise CalibrationError(msg)
-        out.values[name] = acc.stats
+        out.values[name] = st
     return out

@@ -23,6 +23,8 @@ models:  an .onnx file, or (quantize/inspect/eval) an importable 'module:factory
          `qpass eval` reads back.
 data:    an .npz with one array per model input (batch on axis 0), a folder of .npz/.npy files,
          or a .txt file with one sample a line plus --tokenizer (minilm, smollm2 or a folder).
+         An .npz whose arrays do not share axis 0 (a scalar, a per-channel parameter) is one
+         feed, run as is; --feeds makes every .npz one feed (never split, each verified).
 
 examples:
   qpass zoo minilm work/
@@ -54,6 +56,16 @@ def _add_data_args(p: argparse.ArgumentParser, flag: str, required: bool = True)
         "--max-len", type=int, default=128, help="truncate tokenized text to this many tokens (default 128)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch (default 8)")
+
+
+def _add_feeds(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--feeds",
+        action="store_true",
+        help="explicit feeds: every .npz of --calib (a file or a folder, one feed per file) is one "
+        "complete input mapping, run as is with no splitting on axis 0; scalars and inputs of "
+        "different leading sizes are fine; every equivalent pass is verified on each feed",
+    )
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -113,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         "--recipe", required=True, help="built-in recipe name (see `qpass recipes`) or a recipe file"
     )
     _add_data_args(q, "--calib")
+    _add_feeds(q)
     _add_model_args(q)
     _add_verify(q)
     q.add_argument(
@@ -132,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     i.add_argument("input", help="an .onnx model or a torch 'module:factory'")
     _add_data_args(i, "--calib")
+    _add_feeds(i)
     _add_model_args(i)
     i.add_argument(
         "--report", required=True, metavar="DIR", help="folder for report.html, report.json and PNGs"

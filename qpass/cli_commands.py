@@ -40,7 +40,7 @@ def _quantize(args: argparse.Namespace, console: Console) -> int:
     chunks = load_chunks(args, args.calib, console, "calibrating on")
     options = {"batch_size": args.batch_size, "verify": args.verify, "progress": not args.quiet}
     if is_onnx:
-        data = onnx_data(args.calib, chunks)
+        data = onnx_data(args, chunks)
         result = quantize_file(args.input, args.output, recipe, data, **options)
     else:
         out = check_pt2_output(args.output)
@@ -53,7 +53,7 @@ def _quantize(args: argparse.Namespace, console: Console) -> int:
     if args.report:
         write_pass_report(result, Path(args.report))
         view, batches = open_model(args, chunks)
-        write_outlier_report(view, batches, count_samples(chunks), args, recipe, console)
+        write_outlier_report(view, batches, count_samples(chunks, args.feeds), args, recipe, console)
     return 0
 
 
@@ -69,7 +69,7 @@ def _inspect(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(msg)
     chunks = load_chunks(args, args.calib, console, "calibrating on")
     view, batches = open_model(args, chunks)
-    write_outlier_report(view, batches, count_samples(chunks), args, recipe, console)
+    write_outlier_report(view, batches, count_samples(chunks, args.feeds), args, recipe, console)
     return 0
 
 

@@ -35,24 +35,31 @@ def load_chunks(args: argparse.Namespace, source: str, console: Console, verb: s
     from qpass.sources import count_samples, load_data
 
     chunks = load_data(source, tokenizer=args.tokenizer, batch_size=args.batch_size, max_len=args.max_len)
-    n = count_samples(chunks)
-    console.say(f"{verb} {n} samples from {source} (batches of {args.batch_size})")
+    if getattr(args, "feeds", False):
+        console.say(f"{verb} {len(chunks)} feeds from {source} (each run as is)")
+    else:
+        console.say(f"{verb} {count_samples(chunks)} samples from {source} (batches of {args.batch_size})")
     return chunks
 
 
-def onnx_data(source: str, chunks: list[dict]) -> Any:
-    """A single .npz is passed by path, so validation errors name the file."""
-    return source if Path(source).suffix == ".npz" and Path(source).is_file() else chunks
+def onnx_data(args: argparse.Namespace, chunks: list[dict]) -> Any:
+    """The chunks named by their files (errors name the file); `--feeds`: each one feed, run as is."""
+    from qpass.sources import as_feeds
+
+    return as_feeds(args.calib, chunks, split=not getattr(args, "feeds", False))
 
 
-def torch_setup(args: argparse.Namespace, chunks: list[dict]) -> tuple[Any, list, Any]:
-    from qpass.sources import example_inputs, keyword_batches, load_factory, parse_input_spec
+def torch_setup(args: argparse.Namespace, chunks: list[dict]) -> tuple[Any, Any, Any]:
+    """The factory's model, its batches (`Feeds` with --feeds: verified on each) and example input."""
+    from qpass.data import Feeds
+    from qpass.sources import chunk_origins, example_inputs, keyword_batches, load_factory, parse_input_spec
 
     model = load_factory(args.input)
-    batches = keyword_batches(chunks, model, args.batch_size, args.calib)
+    feeds = getattr(args, "feeds", False)
+    batches = keyword_batches(chunks, model, args.batch_size, args.calib, feeds)
     specs = [parse_input_spec(s) for s in args.inputs]
     example = example_inputs(specs, model) if specs else batches[0]
-    return model, batches, example
+    return model, Feeds(batches, chunk_origins(args.calib, chunks)) if feeds else batches, example
 
 
 def check_model(spec: str, *, torch_ok: bool = True) -> bool:
@@ -181,6 +188,8 @@ def open_model(args: argparse.Namespace, chunks: list[dict]) -> tuple[GraphView,
 
     if check_model(args.input):
         view = open_view(args.input)
-        return view, onnx_batches(view.model, onnx_data(args.calib, chunks), args.batch_size)
+        return view, onnx_batches(view.model, onnx_data(args, chunks), args.batch_size)
+    from qpass.data import torch_batches
+
     model, batches, example = torch_setup(args, chunks)
-    return open_view(model, example), batches
+    return open_view(model, example), torch_batches(batches, args.calib)

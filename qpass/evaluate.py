@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from qpass.calibration import MASK_KEYS
+from qpass.data import leading_size, split_rows
 from qpass.errors import CalibrationError, ConfigError, ModelLoadError
 
 
@@ -221,10 +222,7 @@ def compare(
     for chunk in chunks:
         check_inputs(fp, chunk, origin)
         check_inputs(quant, chunk, origin)
-        n = int(next(iter(chunk.values())).shape[0])
-        batches += [
-            {k: np.asarray(v[s : s + batch_size]) for k, v in chunk.items()} for s in range(0, n, batch_size)
-        ]
+        batches += [{k: np.asarray(v) for k, v in b.items()} for b in split_rows(chunk, batch_size)]
     if not batches:
         msg = f"{origin}: no samples"
         raise CalibrationError(msg)
@@ -257,7 +255,7 @@ def compare(
                 s, c = token_nll(outs[lm_index], feeds["input_ids"], mask)
                 nll[key][0] += s
                 nll[key][1] += c
-        samples += int(next(iter(feeds.values())).shape[0])
+        samples += leading_size(feeds) or 1
     assert accs is not None
     result = EvalResult(fp.name, quant.name, task.value, samples, [a.result() for a in accs if a.cosines])
     if lm_index is not None and nll["fp"][1]:

@@ -3,10 +3,13 @@
 Before running, the passes' declared requirements are checked (`check_pass_order`): a pass
 that must run last, and the quantization formats a pass needs downstream.
 
-Verification runs a calibration sample before and after the pass and compares every graph
-output by max relative error (max |after - before| / max |before|). A pass that breaks
-equivalence is an error naming the pass; when its edits only touch constants, the graph is
-restored and the first failing site is named.
+Verification runs the calibration's verification feeds (`qpass.data.verification_feeds`: every
+explicit feed, and the first batch of data split into batches) before and after the pass and
+compares every graph output on each of them, with the one tolerance, by max relative error
+(max |after - before| / max |before| over finite entries; infinite and NaN entries must be the
+same before and after). A pass that breaks equivalence is an error naming the pass and the
+feed; when its edits only touch constants, the graph is restored and the first failing site is
+named.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 
 from qpass.calibration import Stats, calibrate
+from qpass.data import verification_feeds
 from qpass.errors import ConfigError, PassError
 from qpass.graph.edits import CONSTANT_EDITS, EditPlan
 from qpass.graph.refs import ConstRef
@@ -56,7 +60,11 @@ class PassReport:
 
 
 def max_relative_error(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> float:
-    """Max over outputs of max|a - b| / max|b| (float outputs only)."""
+    """Max over outputs of max|a - b| / max|b| over finite entries (float outputs only).
+
+    Non-finite entries (an output that carries a -inf mask, say) must be identical in both: same
+    positions, same infinities, NaN where NaN; anything else is an infinite error.
+    """
     worst = 0.0
     for b, a in zip(before, after, strict=True):
         if not torch.is_floating_point(b):
@@ -64,12 +72,32 @@ def max_relative_error(before: Sequence[torch.Tensor], after: Sequence[torch.Ten
                 return float("inf")
             continue
         b64, a64 = b.to(torch.float64), a.to(torch.float64)
+        if a64.shape != b64.shape:
+            return float("inf")
+        finite = torch.isfinite(b64)
+        if not torch.equal(torch.isfinite(a64), finite):
+            return float("inf")
+        if not bool(finite.all()):
+            x, y = a64[~finite], b64[~finite]
+            if not bool(((x == y) | (torch.isnan(x) & torch.isnan(y))).all()):
+                return float("inf")
+            b64, a64 = b64[finite], a64[finite]
         denom = float(b64.abs().max()) if b64.numel() else 0.0
         err = float((a64 - b64).abs().max()) if b64.numel() else 0.0
-        if not torch.isfinite(a64).all():
-            return float("inf")
         worst = max(worst, err / max(denom, 1e-12))
     return worst
+
+
+def feeds_error(
+    view: GraphView, feeds: Sequence[Any], before: Sequence[Sequence[torch.Tensor]]
+) -> tuple[float, int]:
+    """The worst max relative error over the feeds, and the index of the feed that gave it."""
+    worst, at = 0.0, 0
+    for i, (feed, ref) in enumerate(zip(feeds, before, strict=True)):
+        err = max_relative_error(ref, view.run(feed))
+        if err > worst:
+            worst, at = err, i
+    return worst, at
 
 
 def _touched(plan: EditPlan) -> list[ConstRef]:
@@ -97,29 +125,32 @@ def run_pass(
     plan = qpass.plan(view, stats, ctx)
     result = PassResult(qpass.name, plan)
     check = verify and qpass.equivalent and plan.edits
-    sample = batches[0] if check else None
-    before = view.run(sample) if check else None
+    feeds = verification_feeds(batches) if check else []
+    before = [view.run(f) for f in feeds]
     snapshot = {c.name: (c, view.read(c)) for c in _touched(plan)} if check else {}
     view.apply(plan)
     if check:
-        after = view.run(sample)
-        err = max_relative_error(before, after)
+        err, at = feeds_error(view, feeds, before)
         result.max_rel_error = err
         if err > tolerance:
             site, site_err = None, 0.0
             if all(isinstance(e, CONSTANT_EDITS) for e in plan.edits):  # undoable: bisect by site
-                site, site_err = _first_failing_site(view, plan, snapshot, sample, before, tolerance)
+                site, site_err = _first_failing_site(view, plan, snapshot, feeds, before, tolerance)
                 for const, tensor in snapshot.values():
                     view.write(const, tensor)
                 view.invalidate()
             where = f" at site '{site}' (max rel err {site_err:.2e} alone)" if site else ""
-            msg = f"pass '{qpass.name}' changed the model's function: max rel err {err:.2e} > {tolerance:g}{where}"
+            on = f" on verification feed {at} of {len(feeds)}" if len(feeds) > 1 else ""
+            msg = (
+                f"pass '{qpass.name}' changed the model's function: max rel err {err:.2e} > "
+                f"{tolerance:g}{on}{where}"
+            )
             raise PassError(msg)
     log.info("%s", plan.summary())
     return result
 
 
-def _first_failing_site(view, plan, snapshot, sample, before, tolerance) -> tuple[str | None, float]:
+def _first_failing_site(view, plan, snapshot, feeds, before, tolerance) -> tuple[str | None, float]:
     """Restore the graph, then re-apply site by site to find the first that breaks equivalence."""
     for const, tensor in snapshot.values():
         view.write(const, tensor)
@@ -128,7 +159,7 @@ def _first_failing_site(view, plan, snapshot, sample, before, tolerance) -> tupl
     try:
         for site in sites:
             view.apply(_subplan(plan, site))
-            err = max_relative_error(before, view.run(sample))
+            err, _ = feeds_error(view, feeds, before)
             if err > tolerance:
                 return site, err
     finally:

@@ -3,7 +3,9 @@
 A model is an ``.onnx`` file, a saved quantized torch program (``.pt2``, written by
 ``qpass quantize``), or an importable ``module:factory`` that returns an ``nn.Module``.
 Data is an ``.npz`` file (one array per model input, batch on axis 0), a folder of
-``.npz``/``.npy`` files, or a text file with one sample a line plus a tokenizer. Text is
+``.npz``/``.npy`` files, or a text file with one sample a line plus a tokenizer. An ``.npz``
+whose arrays do not share axis 0 (a scalar, a per-channel parameter) is one feed, run as is;
+with ``--feeds`` every file is one feed (`qpass.data.Feeds`), never split. Text is
 tokenized in batches padded to their own longest sample, so the attention mask marks
 padding and calibration skips it (padded rows would otherwise wreck static ranges).
 """
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qpass.data import load_npz
+from qpass.data import Feeds, leading_size, load_npz, split_rows
 from qpass.errors import CalibrationError, ConfigError, ModelLoadError
 
 TEXT_SUFFIXES = (".txt", ".text")
@@ -253,14 +255,46 @@ def load_data(
     return [_load_array_file(path)]
 
 
-def count_samples(chunks: Sequence[Mapping[str, np.ndarray]]) -> int:
-    return sum(int(next(iter(c.values())).shape[0]) for c in chunks if c)
+def chunk_origins(source: str | os.PathLike, chunks: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
+    """What to call each chunk of `load_data` in errors: its file, or the text file's batch."""
+    path = Path(source)
+    if path.is_dir():
+        names = [str(p) for p in sorted(path.iterdir()) if p.suffix == ".npz"]
+        if len(chunks) > len(names):
+            names.append(f"{path} (.npy files)")
+        return names
+    return [str(path)] if len(chunks) == 1 else [f"{path} batch {i}" for i in range(len(chunks))]
+
+
+def as_feeds(
+    source: str | os.PathLike, chunks: Sequence[Mapping[str, np.ndarray]], *, split: bool = False
+) -> Feeds:
+    """`--feeds`: every chunk of `load_data` is one feed, run as is; each named by its file.
+
+    `split=True`: the chunks keep the default reading (sample sets cut into batches), named too.
+    """
+    return Feeds([dict(c) for c in chunks], chunk_origins(source, chunks), split=split)
+
+
+def count_samples(chunks: Sequence[Mapping[str, np.ndarray]], feeds: bool = False) -> int:
+    """Samples in the chunks: a chunk without one shared axis-0 size (or any chunk, with feeds) is one."""
+    if feeds:
+        return len(chunks)
+    return sum(leading_size(c) or 1 for c in chunks if c)
 
 
 def keyword_batches(
-    chunks: Sequence[Mapping[str, np.ndarray]], model: torch.nn.Module, batch_size: int, origin: str
+    chunks: Sequence[Mapping[str, np.ndarray]],
+    model: torch.nn.Module,
+    batch_size: int,
+    origin: str,
+    feeds: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
-    """Keyword batches for `model.forward` from data chunks, names checked against its arguments."""
+    """Keyword batches for `model.forward` from data chunks, names checked against its arguments.
+
+    A chunk whose arrays share axis 0 is cut into batches of `batch_size` rows; any other chunk
+    (or every chunk, with `feeds`) is one batch, run as is.
+    """
     names = torch_input_names(model)
     out = []
     for chunk in chunks:
@@ -270,9 +304,6 @@ def keyword_batches(
                 f"{origin}: array '{unknown[0]}' is not an argument of {type(model).__name__}.forward {names}"
             )
             raise CalibrationError(msg)
-        n = int(next(iter(chunk.values())).shape[0])
-        for start in range(0, n, batch_size):
-            out.append(
-                {k: torch.from_numpy(np.asarray(a[start : start + batch_size])) for k, a in chunk.items()}
-            )
+        rows = [dict(chunk)] if feeds else split_rows(chunk, batch_size)
+        out += [{k: torch.from_numpy(np.asarray(a)) for k, a in b.items()} for b in rows]
     return out

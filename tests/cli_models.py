@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from models import TinyBert, inject_outliers
+from models import MaskedAttention, TinyBert, inject_outliers
 
 
 def tiny_bert() -> torch.nn.Module:
@@ -34,3 +34,8 @@ class TinyLM(torch.nn.Module):
 def tiny_lm() -> torch.nn.Module:
     torch.manual_seed(0)
     return TinyLM().eval()
+
+
+def masked_attention() -> torch.nn.Module:
+    """Attention with a float -inf mask, a per-channel gamma, a scalar temperature and a memory input."""
+    return MaskedAttention().eval()

@@ -308,3 +308,21 @@ def stream_outlier_inputs(
     x = llama_inputs(n, t, dim, seed)
     x[..., list(channels)] *= factor
     return x
+
+
+MEM = 5  # leading size of MaskedAttention's `memory` input
+
+
+class MaskedAttention(nn.Module):
+    """Scores + additive mask -> softmax; per-channel gamma, scalar temperature, a [MEM, 16] memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.mem = nn.Linear(16, 16)
+
+    def forward(self, x, attn_mask, gamma, temperature, memory):
+        h = x * gamma
+        scores = self.q(h) @ self.k(h).transpose(-1, -2) / temperature + attn_mask
+        return self.o(scores.softmax(-1) @ self.v(h)) + self.mem(memory).mean(0)

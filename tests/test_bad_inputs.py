@@ -111,6 +111,20 @@ def _npz(folder: Path, name: str, **arrays) -> Path:
     return path
 
 
+FIRST_BIG = tuple(int(i) for i in np.argwhere(calib_x() > 2)[0])  # where nan.npz's first NaN is
+
+
+def _feed_folder(f: Files) -> Path:
+    """A folder of two .npz feeds; the second holds a NaN (the API reads it as Feeds, the CLI too)."""
+    folder = f.folder / "feeds"
+    folder.mkdir(exist_ok=True)
+    bad = calib_x(3)
+    bad[1, 2, 3] = np.nan
+    np.savez(folder / "a.npz", x=calib_x(2))
+    np.savez(folder / "b.npz", x=bad)
+    return folder
+
+
 def _checker_failure(f: Files) -> Path:
     model = tiny_model()
     model.graph.node[1].input[0] = "undefined_value"  # mm1 reads a value nothing produces
@@ -201,13 +215,19 @@ CASES = [
         "nan_calibration",
         lambda f: _call(f, calib=_npz(f.folder, "nan.npz", x=np.where(calib_x() > 2, np.nan, calib_x()))),
         CalibrationError,
-        r"nan\.npz: input 'x' contains NaN or Inf",
+        rf"nan\.npz: input 'x' contains NaN \(first at index \({', '.join(map(str, FIRST_BIG))}\)\)$",
     ),
-    BadCase(
-        "inf_calibration",
+    BadCase(  # inf is data and accepted, but LayerNorm turns a row holding inf into NaN
+        "inf_into_layernorm_computes_nan",
         lambda f: _call(f, calib=_npz(f.folder, "inf.npz", x=np.where(calib_x() > 2, np.inf, calib_x()))),
         CalibrationError,
-        r"inf\.npz: input 'x' contains NaN or Inf",
+        r"calibration produced NaN at 'h\d' \(batch 0, row \d+\): the model computes NaN on this data$",
+    ),
+    BadCase(
+        "nan_in_one_feed_of_a_folder",
+        lambda f: _call(f, calib=_feed_folder(f)),
+        CalibrationError,
+        r"feeds/b\.npz: input 'x' contains NaN \(first at index \(1, 2, 3\)\)$",
     ),
     BadCase(
         "empty_calibration_file",

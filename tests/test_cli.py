@@ -71,7 +71,7 @@ def _bad_calib(folder, name, **arrays):
         ("corrupt_model", "corrupt.onnx: not a readable ONNX model"),
         ("unknown_recipe", "unknown recipe 'w9a9'"),
         ("wrong_input_names", "do not match the model inputs.*missing 'x'; unknown 'tokens'"),
-        ("nan_calib", "input 'x' contains NaN or Inf"),
+        ("nan_calib", "nan.npz: input 'x' contains NaN \\(first at index \\(0, 0, 0\\)\\)"),
         ("wrong_rank", "input 'x' has shape \\(4, 64\\), the model expects rank 3"),
         ("output_is_input", "the output path is the input model"),
         ("missing_out_dir", "output folder .* does not exist"),
