@@ -17,6 +17,7 @@ import qpass.kernels.hadamard  # noqa: F401 - registers the op fuse_rotations_in
 from qpass.graph.fx import FxGraphView
 from qpass.graph.refs import OpRef
 from qpass.lowering.torch_backend import LinearKernel, QuantLinear
+from qpass.lowering.torch_conv import QuantConv, conv_arguments
 from qpass.lowering.torch_corrections import CorrectedQuantLinear
 from qpass.lowering.torch_decompose import DecomposedQuantLinear
 from qpass.quant.linear_form import LinearForm, linear_form
@@ -82,7 +83,10 @@ def lower_linear_fx(view: FxGraphView, op: OpRef, q: QLinear) -> None:
     weight_fp = (
         canonical_weight(view.read(q.weight.const), q.weight) if form is LinearForm.FLOAT_WEIGHT else None
     )
-    if form is LinearForm.CORRECTED:  # LoRC / kept weights: extra float terms beside the quantized path
+    if q.is_conv:  # the same Q/DQ arithmetic as the ONNX form (lowering/torch_conv.py)
+        weight_fp = view.read(q.weight.const) if form is LinearForm.FLOAT_WEIGHT else None
+        module = QuantConv(q, weight_fp, bias, *conv_arguments(op.op_type, node.args, node.kwargs))
+    elif form is LinearForm.CORRECTED:  # LoRC / kept weights: extra float terms beside the quantized path
         module = CorrectedQuantLinear(q, weight_fp, bias)
     elif form is LinearForm.DECOMPOSED:  # LLM.int8 decomposition: an INT8 part and a float part
         module = DecomposedQuantLinear(q, weight_fp, bias)
