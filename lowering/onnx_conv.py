@@ -46,6 +46,7 @@ def lower_conv_onnx(view, node: ir.Node, op: OpRef, q: QLinear) -> None:
 def _code_dtype(view, q: QLinear):
     signed = q.zero_points is None
     if q.bits <= 4 and model_opset(view.model) >= BLOCKED_DQ_OPSET:
+        view.model.ir_version = max(view.model.ir_version or 0, 10)  # int4 tensors
         return ml_dtypes.int4 if signed else ml_dtypes.uint4
     if q.bits > 8:
         msg = f"{q.bits}-bit Conv weights are not lowered (8 bits at most)"

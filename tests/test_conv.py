@@ -211,3 +211,23 @@ def test_report_lists_conv_transpose_and_activation_matmul(tmp_path):
         skipped = [d for ok, d in notes.values() if not ok]
         assert sum("transposed convolution" in d for d in skipped) == 1, notes
         assert sum("both operands are activations" in d for d in skipped) == 2, notes
+
+
+def test_conv3d_quantized_on_both_graph_kinds(tmp_path):
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Conv3d(2, 4, 3, padding=1, stride=(1, 2, 2)), nn.ReLU(), nn.Conv3d(4, 4, 1)
+    ).eval()
+    calib = _images(4, 8, (1, 2, 4, 8, 8))
+    proto = _onnx(model, calib[0], tmp_path / "c3.onnx")
+    for res in (
+        quantize_with_report(proto, "w8a8", [{"x": x.numpy()} for x in calib]),
+        quantize_with_report(model, "w8a8", calib),
+    ):
+        applied = [d for ok, d in _notes(res).values() if ok]
+        assert len(applied) == 2 and all(d.startswith("conv [4x") for d in applied), applied
+    onnx_q = quantize_with_report(proto, "w8a8", [{"x": x.numpy()} for x in calib]).model
+    sess = ort.InferenceSession(onnx_q.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = calib[1]
+    # the last conv's output leaves the graph, so only its input is quantized
+    assert _rel(sess.run(None, {"x": x.numpy()})[0], model(x).detach().numpy()) < W8A8_TOL
