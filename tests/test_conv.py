@@ -22,9 +22,10 @@ from qpass.api import quantize_with_report
 from qpass.lowering.torch_conv import QuantConv
 from qpass.quant.qlinear import dequantize_weight, fake_quant_act
 
-# measured on this net (seeded): w8a8 ONNX ~0.6%, fx ~0.6% relative L2 error vs FP32
-W8A8_TOL = 0.03
-W4_TOL = 0.15
+# measured on ConvNet (seeded), max relative L2 error vs FP32 over 4 evaluation batches:
+# w8a8 ONNX 0.29%, fx 0.35%; w8a8-dynamic 0.41% both; int4 per-channel weight-only 2.4% both
+W8A8_TOL = 0.015
+W4_TOL = 0.06
 
 
 class ConvNet(nn.Module):

@@ -95,11 +95,11 @@ def _only_relu(view: GraphView, value: ValueRef) -> bool:
     return len(readers) == 1 and readers[0].kind is OpKind.ACTIVATION and readers[0].op_type in _RELU
 
 
-def describe_conv(q: QLinear) -> str:
-    """The conv part of the report line."""
+def describe_conv(q: QLinear, layer: str) -> str:
+    """The report line of a conv: its weight shape, `layer` (the linear's description), its output."""
     shape = "x".join(str(d) for d in q.conv_shape)
-    out = f" out:int8/tensor static (scale {q.out_qparams.scale:.3g})" if q.out_qparams is not None else ""
-    return f"conv [{shape}]{out}"
+    out = f", out:int8/tensor static (scale {q.out_qparams.scale:.3g})" if q.out_qparams is not None else ""
+    return f"conv [{shape}] {layer}{out}"
 
 
 def unquantized_notes(view: GraphView, planned: set[str]) -> list[SiteNote]:

@@ -302,7 +302,7 @@ def plan_quantization(
                 continue
             qlinear = plan_conv(view, op, ref, stats, wcfg, acfg)
             plan.edits.append(ReplaceWithQOp(op, qlinear, site=op.name))
-            plan.notes.append(SiteNote(op.name, True, f"{describe_conv(qlinear)} {_describe(qlinear)}"))
+            plan.notes.append(SiteNote(op.name, True, describe_conv(qlinear, _describe(qlinear))))
             continue
         if len(ref.const.shape) != 2:
             plan.notes.append(
