@@ -45,6 +45,7 @@ class QuantConv(torch.nn.Module):
         self.act, self.act_qparams, self.out_qparams = q.act, q.act_qparams, q.out_qparams
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self._conv = _CONV[len(self.conv_shape) - 2]
+        self.packed_only = False  # True while saving: forward reads the codes, not the float cache
 
     def dequantized(self) -> torch.Tensor:
         """The weight from the saved codes (what `_weight` caches)."""
@@ -60,7 +61,8 @@ class QuantConv(torch.nn.Module):
         x = x.to(torch.float32)
         if self.act is not None:
             x = fake_quant_act(x, self.act, self.act_qparams)
-        y = self._conv(x, self._weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        w = self.dequantized() if self.packed_only and self.weight_codes is not None else self._weight
+        y = self._conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.out_qparams is not None:
             y = fake_quant_static(y, self.out_qparams)
         return y.to(dtype)

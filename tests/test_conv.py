@@ -295,3 +295,19 @@ def test_gptq_recipe_reports_convs_left_in_float(convnet, tmp_path):
         skipped = [d for ok, d in notes.values() if not ok]
         assert len(skipped) == 3 and all("im2col Hessian" in d for d in skipped), notes
         assert sum(ok for ok, _ in notes.values()) == 1  # the Gemm / linear
+
+
+def test_quantized_conv_net_saves_and_loads_as_pt2(convnet, tmp_path):
+    """Saving reads the codes (no float weight cache in the file) and the loaded program matches."""
+    from qpass.saved_model import load_quantized, save_quantized
+
+    calib = _images(4, 1)
+    q = quantize_with_report(convnet, "w8a8", calib).model
+    save_quantized(q, tmp_path / "conv.pt2", calib[0])
+    loaded = load_quantized(tmp_path / "conv.pt2").module
+    x = calib[2]
+    with torch.no_grad():
+        assert _rel(loaded(x), q(x)) < 1e-6
+    for m in q.modules():
+        if isinstance(m, QuantConv):
+            assert torch.equal(m.dequantized(), m._weight)
