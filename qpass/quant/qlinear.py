@@ -4,7 +4,9 @@ Weights: INTn per output channel or per group of input channels, symmetric (narr
 zero point 0: INT8 codes in [-127, 127]) or asymmetric (unsigned codes with a zero point).
 Activations (linear inputs only; the residual stream is left in float): INTn per tensor
 static from calibrated ranges (unsigned with a zero point, or symmetric), or per token dynamic.
-The result is a list of `QLinear` that lowering turns into backend ops.
+The result is a list of `QLinear` that lowering turns into backend ops. Conv layers take the same
+path on their [out, in/groups * k...] weight view (`qpass.quant.conv`), and every quantizable op
+left in float gets a report line with its reason.
 """
 
 from __future__ import annotations
