@@ -133,8 +133,8 @@ def test_w8a8_fx_every_conv_quantized_close_to_fp(convnet):
     assert max(errs) < W8A8_TOL, errs
 
 
-def test_torch_and_onnx_conv_forms_agree(tmp_path):
-    """The same QLinear lowered both ways: ONNX Runtime's QLinearConv vs QuantConv's reference."""
+def test_exported_program_input_and_onnx_both_close_to_fp(tmp_path):
+    """An ExportedProgram input (fx) and the ONNX export of the same net, each against FP32."""
     model = _net(ConvNet)
     calib = _images(4, 3)
     proto = _onnx(model, calib[0], tmp_path / "net.onnx")
