@@ -21,6 +21,8 @@ Which form a `QLinear` takes (the recipe's `lowering:` options, `OnnxLoweringCon
   by the linears reading the same activation; the weight row selections are done offline.
 - float and block formats (FP8, MX, NVFP4, BFP), weights and activations: qpass-domain function
   ops (lowering/onnx_block_formats.py).
+- Conv: Q/DQ around the Conv node, output included for W8A8 static, so ORT fuses QLinearConv
+  (lowering/onnx_conv.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from qpass.graph.onnx import OnnxGraphView
 from qpass.graph.refs import OpRef
 from qpass.lowering.onnx_activations import act_float
 from qpass.lowering.onnx_block_formats import lower_block_weight
+from qpass.lowering.onnx_conv import lower_conv_onnx
 from qpass.lowering.onnx_corrections import add_corrections
 from qpass.lowering.onnx_integer import lower_decomposed, lower_dynamic_integer, lower_qdq
 from qpass.lowering.onnx_nbits import lower_blocked_dq, lower_matmulnbits
@@ -58,6 +61,9 @@ def lower_linear_onnx(
         msg = f"node '{op.name}': ONNX lowering needs opset >= {MIN_OPSET}, model has {model_opset(model)}"
         raise UnsupportedOpError(msg)
     node = view.node(op)
+    if q.is_conv:  # Q/DQ around the Conv node (lowering/onnx_conv.py)
+        lower_conv_onnx(view, node, op, q)
+        return
     _check_gemm(node, op)
     form = linear_form(q, op.name)
     if form is LinearForm.BLOCK_WEIGHT:  # FP8 / MX / NVFP4 / BFP weights

@@ -18,6 +18,7 @@ import qpass.kernels.hadamard  # noqa: F401 - registers the op fuse_rotations_in
 from qpass.graph.fx import FxGraphView
 from qpass.graph.refs import OpRef
 from qpass.lowering.torch_backend import LinearKernel, QuantLinear
+from qpass.lowering.torch_conv import QuantConv, conv_arguments
 from qpass.lowering.torch_corrections import CorrectedQuantLinear
 from qpass.lowering.torch_decompose import DecomposedQuantLinear
 from qpass.quant.linear_form import LinearForm, linear_form
@@ -83,7 +84,11 @@ def lower_linear_fx(view: FxGraphView, op: OpRef, q: QLinear) -> None:
     weight_fp = (
         canonical_weight(view.read(q.weight.const), q.weight) if form is LinearForm.FLOAT_WEIGHT else None
     )
-    module = quant_module(q, weight_fp, bias, op.name)
+    if q.is_conv:  # the same Q/DQ arithmetic as the ONNX form (lowering/torch_conv.py)
+        weight_fp = view.read(q.weight.const) if form is LinearForm.FLOAT_WEIGHT else None
+        module = QuantConv(q, weight_fp, bias, *conv_arguments(op.op_type, node.args, node.kwargs))
+    else:
+        module = quant_module(q, weight_fp, bias, op.name)
     name = _module_name(op)
     gm.add_module(name, module)
     with gm.graph.inserting_before(node):

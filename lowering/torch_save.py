@@ -20,6 +20,7 @@ import torch
 from qpass.errors import ModelLoadError
 from qpass.graph.fx_capture import all_dims_auto, split_batch
 from qpass.lowering.torch_backend import LinearKernel, QuantLinear
+from qpass.lowering.torch_conv import QuantConv
 
 
 def register_qpass_ops() -> None:
@@ -31,8 +32,10 @@ def register_qpass_ops() -> None:
     import qpass.kernels.w8a8  # noqa: F401
 
 
-def _not_read_when_packed(m: QuantLinear) -> list[str]:
+def _not_read_when_packed(m: QuantLinear | QuantConv) -> list[str]:
     """Buffers a packed-only forward does not read (torch.export would write them all)."""
+    if isinstance(m, QuantConv):
+        return ["_weight"] if m.weight_codes is not None else []
     names = []
     if m.weight_codes is not None:
         names.append("_weight")  # the float cache
@@ -43,7 +46,7 @@ def _not_read_when_packed(m: QuantLinear) -> list[str]:
 
 @contextmanager
 def _packed_only(model: torch.nn.Module):
-    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    mods = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv))]
     stashed = []
     for m in mods:
         m.packed_only = True

@@ -108,6 +108,8 @@ class FxGraphView(GraphView):
         if _packet(node) == "slice" and _is_full_slice(node):
             return OpKind.CAST  # x[:, :] : an identity (indexing like x[:, :, None] exports as these)
         kind = aten_kind(_packet(node))
+        if kind is OpKind.CONV and _packet(node) == "convolution" and len(node.args) > 6 and node.args[6]:
+            return OpKind.CONV_TRANSPOSE  # aten.convolution(..., transposed=True, ...)
         if kind is OpKind.MATMUL and len(node.args) > 1 and self._is_const(node.args[1]):
             return OpKind.LINEAR
         return kind

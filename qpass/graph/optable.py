@@ -12,6 +12,7 @@ _TABLE: list[tuple[OpKind, tuple[str, ...], tuple[str, ...]]] = [
     (OpKind.LINEAR, ("linear",), ("Gemm",)),
     (OpKind.MATMUL, ("matmul", "mm", "bmm"), ("MatMul",)),
     (OpKind.CONV, ("conv1d", "conv2d", "conv3d", "convolution"), ("Conv",)),
+    (OpKind.CONV_TRANSPOSE, ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), ("ConvTranspose",)),
     (OpKind.LAYER_NORM, ("layer_norm", "native_layer_norm"), ("LayerNormalization",)),
     (OpKind.RMS_NORM, ("rms_norm",), ("RMSNormalization", "SimplifiedLayerNormalization")),
     (OpKind.MUL, ("mul",), ("Mul",)),

@@ -14,7 +14,8 @@ class OpKind(enum.Enum):
     """What an op is, as far as the passes care."""
 
     LINEAR = "linear"  # y = x @ W^T (+ b) with a constant W: Linear, MatMul(x, W), Gemm
-    CONV = "conv"
+    CONV = "conv"  # Conv1d/2d/3d (grouped, depthwise): weight [out, in/groups, k...]
+    CONV_TRANSPOSE = "conv_transpose"  # not quantized yet: reported as left in float
     LAYER_NORM = "layer_norm"
     RMS_NORM = "rms_norm"
     MUL = "mul"

@@ -248,3 +248,10 @@ def iter_linear_ops(view: GraphView) -> Iterable[OpRef]:
     for op in view.ops(frozenset({OpKind.LINEAR})):
         if view.weight(op) is not None:
             yield op
+
+
+def iter_quantizable_ops(view: GraphView) -> Iterable[OpRef]:
+    """LINEAR and CONV ops whose weight is a constant, in topological order (what quantize plans)."""
+    for op in view.ops(frozenset({OpKind.LINEAR, OpKind.CONV})):
+        if view.weight(op) is not None:
+            yield op

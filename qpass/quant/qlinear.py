@@ -4,7 +4,9 @@ Weights: INTn per output channel or per group of input channels, symmetric (narr
 zero point 0: INT8 codes in [-127, 127]) or asymmetric (unsigned codes with a zero point).
 Activations (linear inputs only; the residual stream is left in float): INTn per tensor
 static from calibrated ranges (unsigned with a zero point, or symmetric), or per token dynamic.
-The result is a list of `QLinear` that lowering turns into backend ops.
+The result is a list of `QLinear` that lowering turns into backend ops. Conv layers take the same
+path on their [out, in/groups * k...] weight view (`qpass.quant.conv`), and every quantizable op
+left in float gets a report line with its reason.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from qpass.formats import ElementType, Granularity, QuantSpec, ScaleType, get_fo
 from qpass.formats.quantize import code_values
 from qpass.graph.edits import EditPlan, SiteNote
 from qpass.graph.refs import OpKind, OpRef, WeightRef
-from qpass.graph.view import GraphView, iter_linear_ops
+from qpass.graph.view import GraphView, iter_quantizable_ops
 from qpass.qconfig import (
     ActGranularity,
     ActivationQuantConfig,
@@ -156,6 +158,13 @@ class QLinear:
     fp_weight: torch.Tensor | None = None  # their weight columns, float32 [out, k] (codes there are 0)
     tensor_scale: float | None = None  # NVFP4's second-level scale (scales include it)
     group_axis: str = "in"  # "out" (AdaDim): groups of output rows, scales/zero points [out_groups, in]
+    # Conv: the stored weight shape [out, in/groups, k...] (codes are its [out, in/groups * k...] view)
+    conv_shape: tuple[int, ...] | None = None
+    out_qparams: ActQParams | None = None  # Conv W8A8 static: the output's Q/DQ (ORT fuses QLinearConv)
+
+    @property
+    def is_conv(self) -> bool:
+        return self.conv_shape is not None
 
     @property
     def has_corrections(self) -> bool:
@@ -252,8 +261,15 @@ def quant_stat_requests(
         kinds.add(StatKind.XTX)
     if not kinds:
         return []
-    inputs = dict.fromkeys(view.linear_input(op) for op in iter_linear_ops(view) if op.kind is OpKind.LINEAR)
-    return [StatRequest(v, frozenset(kinds)) for v in inputs]
+    from qpass.quant.conv import conv_output_values
+
+    ops = list(iter_quantizable_ops(view))
+    requests = dict.fromkeys(view.linear_input(op) for op in ops if op.kind is OpKind.LINEAR)
+    out = [StatRequest(v, frozenset(kinds)) for v in requests]
+    if StatKind.RANGE in kinds:  # conv: per-tensor ranges of inputs and outputs (no X^T X: see conv.py)
+        convs = [view.linear_input(op) for op in ops if op.kind is OpKind.CONV]
+        out += [StatRequest(v) for v in dict.fromkeys([*convs, *conv_output_values(view, acfg)])]
+    return out
 
 
 def plan_quantization(
@@ -277,15 +293,34 @@ def plan_quantization(
         chosen, notes = choose_formats(view, stats, wcfg, batches)
         plan.notes.extend(notes)
     selector = Selector(view, selection) if selection else None
-    for op in iter_linear_ops(view):
+    from qpass.quant.conv import conv_skip_reason, describe_conv, plan_conv, unquantized_notes
+
+    planned: set[str] = set()
+    for op in iter_quantizable_ops(view):
+        planned.add(op.name)
         reason = selector.skip_reason(op) if selector else None
         if reason is not None:
             plan.notes.append(SiteNote(op.name, False, reason))
             continue
         ref = view.weight(op)
         assert ref is not None
-        if op.kind is not OpKind.LINEAR or len(ref.const.shape) != 2:
-            plan.notes.append(SiteNote(op.name, False, f"{op.op_type} quantization is not lowered yet"))
+        if op.kind is OpKind.CONV:
+            reason = conv_skip_reason(wcfg, acfg)
+            if reason is not None:
+                plan.notes.append(SiteNote(op.name, False, f"{op.op_type}: {reason}; left in float"))
+                continue
+            qlinear = plan_conv(view, op, ref, stats, wcfg, acfg)
+            plan.edits.append(ReplaceWithQOp(op, qlinear, site=op.name))
+            plan.notes.append(SiteNote(op.name, True, describe_conv(qlinear, _describe(qlinear))))
+            continue
+        if len(ref.const.shape) != 2:
+            plan.notes.append(
+                SiteNote(
+                    op.name,
+                    False,
+                    f"{op.op_type} with a {len(ref.const.shape)}-D weight is not lowered; left in float",
+                )
+            )
             continue
         fp_channels = view.float_channels(op)
         if fp_channels is not None:  # int8_decompose chose float input channels for this layer
@@ -296,6 +331,7 @@ def plan_quantization(
             qlinear = _quantize_linear(view, op, ref, stats, wcfg, acfg, chosen.get(op.name))
         plan.edits.append(ReplaceWithQOp(op, qlinear, site=op.name))
         plan.notes.append(SiteNote(op.name, True, _describe(qlinear)))
+    plan.notes.extend(unquantized_notes(view, planned))
     return plan
 
 
