@@ -14,6 +14,8 @@ import qpass
 from qpass import zoo
 from qpass.lowering.torch_backend import QuantLinear
 
+pytestmark = pytest.mark.slow  # real models (SmolLM2, Qwen2.5)
+
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "In Python, a list comprehension"]
 
 

@@ -14,6 +14,8 @@ import transformers as T
 import qpass
 from qpass import zoo
 
+pytestmark = pytest.mark.slow  # SmolLM2's tokenizer, CLI subprocesses
+
 
 def _qpass(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
