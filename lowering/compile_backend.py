@@ -57,6 +57,44 @@ def freeze_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tupl
     return gm, keep
 
 
+def trace_aten(gm: fx.GraphModule) -> fx.GraphModule | None:
+    """`gm` (dynamo's graph, parameters frozen) retraced to ATen in dynamo's own fake mode, or None
+    outside a dynamo compile.
+
+    Why not torch.export: dynamo's graphs take SymInt inputs and tensors whose sizes are dynamo's
+    symbols (a decode step's cache length). Re-exporting them fails, or adds shape guards to a frame
+    dynamo is still compiling. Tracing with the fake values dynamo recorded on the placeholders keeps
+    its symbols; `pre_dispatch` keeps `aten.linear` whole, as torch.export does, so the graph view
+    sees the same ops on both routes. The frozen weights are real tensors: the fake mode takes them
+    as constants while tracing.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    context = torch._guards.TracingContext.try_get()
+    fake_mode = context.fake_mode if context is not None else None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if fake_mode is None or any("example_value" not in n.meta for n in placeholders):
+        return None
+    fakes = [n.meta["example_value"] for n in placeholders]
+    allow = fake_mode.allow_non_fake_inputs
+    fake_mode.allow_non_fake_inputs = True
+    try:
+        with fake_mode:
+            traced = make_fx(gm, tracing_mode="fake", pre_dispatch=True, _allow_non_fake_inputs=True)(*fakes)
+    finally:
+        fake_mode.allow_non_fake_inputs = allow
+    traced.meta["qpass_captured"] = True
+    return traced
+
+
+def concrete_inputs(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """Dynamo's example inputs with each SymInt replaced by its hint: values the graph can run on."""
+    return tuple(
+        (v.node.hint if isinstance(v, torch.SymInt) else v.detach().clone() if isinstance(v, torch.Tensor) else v)
+        for v in inputs
+    )
+
+
 def compile_graph(gm: fx.GraphModule, inputs: Sequence[Any], inductor: bool = True) -> Callable[..., Any]:
     """`gm` compiled with Inductor on `inputs`, or (`inductor=False`) its eager forward."""
     if not inductor:

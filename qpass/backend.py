@@ -68,14 +68,22 @@ def calibration_needs(recipe: Recipe, view: Any) -> list[str]:
 
 
 def quantize_graph(gm: fx.GraphModule, inputs: Sequence[Any], opts: BackendOptions) -> fx.GraphModule:
-    """Run the recipe through qpass's one pipeline on a frozen dynamo graph."""
+    """Run the recipe through qpass's one pipeline on a frozen dynamo graph.
+
+    Inside a dynamo compile the graph is retraced to ATen in dynamo's fake mode (SymInt inputs and
+    a cache's symbolic lengths included; `qpass.registry.trace_aten`); the recipe then runs on
+    concrete values (each SymInt at its hint). Called by hand, outside dynamo, the graph is captured
+    with torch.export as any module is.
+    """
     from qpass.api import quantize_with_report
     from qpass.graph.fx import FxGraphView
     from qpass.graph.fx_capture import capture
+    from qpass.registry import concrete_inputs, trace_aten
 
-    # torch.export marks dynamic dims on the tensors it traces; dynamo's own inputs must keep theirs
-    example = tuple(t.detach().clone() if isinstance(t, torch.Tensor) else t for t in inputs)
-    captured = capture(gm, example)
+    example = concrete_inputs(inputs)
+    captured = trace_aten(gm)
+    if captured is None:
+        captured = capture(gm, example)
     recipe = opts.recipe
     calibration = opts.calibration
     if calibration is None:
@@ -87,7 +95,8 @@ def quantize_graph(gm: fx.GraphModule, inputs: Sequence[Any], opts: BackendOptio
             )
             raise ConfigError(msg)
         calibration = [example]
-    result = quantize_with_report(captured, recipe, calibration, verify=opts.verify)
+    with torch._guards.tracing(None), torch.no_grad():  # concrete runs: no fake mode, no dynamo guards
+        result = quantize_with_report(captured, recipe, calibration, verify=opts.verify)
     return result.model
 
 
@@ -102,9 +111,7 @@ def qpass_backend(
         return compile_graph(gm, example_inputs, opts.inductor)
     gm, keep = freeze_parameters(gm, example_inputs)
     user_inputs = [example_inputs[i] for i in keep]
-    # torch.export inside a backend must not add its shape guards to the frame dynamo is compiling
-    with torch._guards.tracing(None):
-        qgm = quantize_graph(gm, user_inputs, opts)
+    qgm = quantize_graph(gm, user_inputs, opts)
     compiled = compile_graph(qgm, user_inputs, opts.inductor)
 
     def run(*args: Any) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from qpass.graph.fx import FxGraphView
 from qpass.graph.onnx import OnnxGraphView
 from qpass.graph.view import GraphView
-from qpass.lowering.compile_backend import compile_graph, freeze_parameters
+from qpass.lowering.compile_backend import compile_graph, concrete_inputs, freeze_parameters, trace_aten
 from qpass.lowering.onnx_finalize import finalize_onnx
 from qpass.lowering.onnxruntime import lower_onnx
 from qpass.lowering.torch_lower import (
@@ -45,9 +45,11 @@ __all__ = [
     "Rotation",
     "build_pass",
     "compile_graph",
+    "concrete_inputs",
     "export_program",
     "finalize_onnx",
     "freeze_parameters",
+    "trace_aten",
     "lower",
     "pass_config",
     "quant_module",

@@ -200,6 +200,36 @@ def test_compiling_the_quantized_lm_with_the_qpass_backend_keeps_its_tokens():
     assert torch.equal(q.generate(prompt, max_new_tokens=6, do_sample=False), eager)
 
 
+def test_compile_first_quantizes_the_graphs_dynamo_hands_over():
+    """A stock model's forward compiled with a recipe: the prefill graph, the first decode step and
+    the decode graph with a symbolic cache length (SymInt inputs) are each quantized as they come,
+    without re-exporting them, and generate what eager `qpass.quantize` generates.
+    """
+    from qpass.backend import qpass_backend
+
+    model = _model("qwen2")
+    prompt = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    gen = dict(max_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        fp = model.generate(prompt, **gen)
+        eager = qpass.quantize(model, "w8a8-dynamic", _calibration()).generate(prompt, **gen)
+    symbolic: list[bool] = []
+
+    def backend(gm, example_inputs):  # backend="qpass" with options=, recording what dynamo passes
+        symbolic.append(any(isinstance(v, torch.SymInt) for v in example_inputs))
+        return qpass_backend(gm, example_inputs, {"recipe": "w8a8-dynamic"})
+
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend=backend)
+    with torch.no_grad():
+        out = model.generate(prompt, **gen)
+    torch._dynamo.reset()
+    assert any(symbolic) and not all(symbolic)  # static prefill/decode graphs and a symbolic one
+    assert torch.equal(out.sequences, eager.sequences)
+    got, ref, base = (torch.stack(r.scores) for r in (out, eager, fp))
+    assert _rel(got, ref) < 1e-4 < _rel(got, base)  # eager qpass's quantized logits, not FP32's
+
+
 def _through_cache(model, ids, cache, chunk=8):
     """Teacher-forced logits fed chunk by chunk through `cache` (later chunks read the quantized past)."""
     with torch.no_grad():

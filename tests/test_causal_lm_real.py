@@ -74,9 +74,44 @@ def test_low_bit_recipes_generate(smollm2, recipe):
     assert q.config.use_cache and type(q).__name__ == "LlamaForCausalLM"
 
 
-def test_qwen25_smooth_w8a8_generates_and_tracks_fp32():
+def _compile_first_matches_eager(model, tok):
+    """`torch.compile(m.forward, backend="qpass", options={"recipe": ...})` on the stock model, then
+    `generate()`: the graphs dynamo hands over (prefill, decode, decode with a symbolic cache length)
+    are quantized as they come and give eager `qpass.quantize`'s greedy tokens. Inductor is off:
+    compiling the quantized kernel ops with it is tested on a tiny model (tests/test_causal_lm.py);
+    here it would add two minutes of code generation and test nothing more of qpass.
+    """
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        eager = qpass.quantize(model, "w8a8-dynamic", calibration=[ids]).generate(
+            ids, max_new_tokens=8, do_sample=False
+        )
+    torch._dynamo.reset()
+    model.forward = torch.compile(
+        model.forward, backend="qpass", options={"recipe": "w8a8-dynamic", "inductor": False}
+    )
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    finally:
+        del model.forward  # the instance attribute: the class's forward again, for the other tests
+        torch._dynamo.reset()
+    assert torch.equal(out, eager), (tok.decode(out[0]), tok.decode(eager[0]))
+
+
+def test_compile_first_generates_what_eager_qpass_does(smollm2):
+    model, tok, _ = smollm2
+    _compile_first_matches_eager(model, tok)
+
+
+@pytest.fixture(scope="module")
+def qwen25():
     """Qwen2.5-Coder-0.5B (attention biases, GQA 14/2, tied head), loaded from its GGUF as shipped."""
-    model, tok = zoo.load_qwen25(copy_model=False)
+    return zoo.load_qwen25(copy_model=False)
+
+
+def test_qwen25_smooth_w8a8_generates_and_tracks_fp32(qwen25):
+    model, tok = qwen25
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     fp = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
     assert tok.decode(fp) == " Paris. Paris is located in the north"
@@ -86,3 +121,7 @@ def test_qwen25_smooth_w8a8_generates_and_tracks_fp32():
     assert type(q).__name__ == "Qwen2ForCausalLM" and q.config.use_cache
     out = q.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
     assert torch.equal(out, fp), tok.decode(out)
+
+
+def test_qwen25_compile_first_generates_what_eager_qpass_does(qwen25):
+    _compile_first_matches_eager(*qwen25)
