@@ -15,7 +15,7 @@ _PUBLIC = {
     "quantize_file": "qpass.api",
     "quantize_with_report": "qpass.api",
     "Stats": "qpass.calibration",
-    "calibrate": "qpass.calibration",
+    "calibrate": "qpass.api",
     "Feeds": "qpass.data",
     "QPassError": "qpass.errors",
     "Recipe": "qpass.recipe",

@@ -119,6 +119,29 @@ def quantize(
     return quantize_with_report(model, recipe, calibration, **options).model
 
 
+def calibrate(
+    model: Any, recipe: str | Path | Recipe | Mapping[str, Any], calibration: Any, **options: Any
+) -> Any:
+    """Prepare a transformers causal LM for `torch.compile(model.forward, backend="qpass",
+    options={"recipe": recipe})`: run the recipe's verified passes and its calibration now, write
+    the folded transforms into the model's parameters (its function unchanged, checked) and attach
+    each linear's quantized form to its weight; the backend then lowers every graph dynamo hands it
+    (prefill, decode, symbolic cache lengths) from what is attached. Returns `model`, changed in
+    place. `options`: those of `qpass.quantize` for causal LMs (`tokenizer=`, `seq_len=`, `verify=`).
+
+    Why attach instead of calibrating in the backend: dynamo's graphs arrive one by one at
+    generation time (a decode step sees one token), not on calibration data.
+    """
+    if not is_causal_lm(model):
+        msg = (
+            f"qpass.calibrate attaches to transformers causal LMs; for a {type(model).__name__}, pass "
+            "torch.compile(..., options={'recipe': ..., 'calibration': batches}) or use qpass.quantize"
+        )
+        raise ConfigError(msg)
+    options.pop("inplace", None)
+    return quantize_causal_lm(model, recipe, calibration, inplace=True, attach=True, **options).model
+
+
 def quantize_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,

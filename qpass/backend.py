@@ -91,13 +91,68 @@ def quantize_graph(gm: fx.GraphModule, inputs: Sequence[Any], opts: BackendOptio
         if needs:
             msg = (
                 f"recipe '{recipe.name}' needs calibration statistics for {', '.join(needs)}: pass "
-                "options={'recipe': ..., 'calibration': batches} or quantize first with qpass.quantize"
+                "options={'recipe': ..., 'calibration': batches}, attach statistics first with "
+                "qpass.calibrate(model, recipe, data), or quantize with qpass.quantize"
             )
             raise ConfigError(msg)
         calibration = [example]
     with torch._guards.tracing(None), torch.no_grad():  # concrete runs: no fake mode, no dynamo guards
         result = quantize_with_report(captured, recipe, calibration, verify=opts.verify)
     return result.model
+
+
+def attached_forms(inputs: Sequence[Any]) -> dict[int, Any]:
+    """data_ptr -> QLinear for the weight parameters `qpass.calibrate` annotated (`qpass_qlinear`)."""
+    return {
+        v.data_ptr(): v for v in inputs if isinstance(v, torch.Tensor) and hasattr(v, "qpass_qlinear")
+    }
+
+
+def lower_attached(gm: fx.GraphModule, inputs: Sequence[Any], params: dict[int, Any], opts: BackendOptions):
+    """Lower a frozen dynamo graph from the quantized forms `qpass.calibrate` attached to its weights.
+
+    The passes already ran (their folded transforms are in the parameters, online rotations in
+    the modules, so dynamo traced them); what is left is to swap each linear that reads an
+    annotated weight for its quantized module. A form planned for another recipe is refused.
+    """
+    from dataclasses import replace
+
+    from qpass.graph.fx import FxGraphView
+    from qpass.graph.fx_capture import capture
+    from qpass.graph.refs import OpKind
+    from qpass.quant.qlinear import QuantPlan, ReplaceWithQOp
+    from qpass.registry import concrete_inputs, lower, trace_aten
+
+    names = {getattr(p, "qpass_recipe", None) for p in params.values()}
+    if names != {opts.recipe.name}:
+        msg = (
+            f"torch.compile(backend='qpass'): options recipe '{opts.recipe.name}' but the model was "
+            f"calibrated with qpass.calibrate for {sorted(str(n) for n in names)}"
+        )
+        raise ConfigError(msg)
+    captured = trace_aten(gm)
+    view = FxGraphView(captured if captured is not None else capture(gm, concrete_inputs(inputs)))
+    plan = QuantPlan("quantize (attached)")
+    for op in view.ops_of(OpKind.LINEAR):
+        ref = view.weight(op)
+        param = params.get(_constant(view.gm, ref.const.name).data_ptr()) if ref is not None else None
+        if param is None:
+            continue  # not planned (excluded by the recipe, or not a model weight): stays float
+        q = param.qpass_qlinear
+        if q.weight.const.shape != ref.const.shape:
+            msg = f"linear '{op.name}': weight {ref.const.shape} but its attached form is for {q.weight.const.shape}"
+            raise ConfigError(msg)
+        plan.edits.append(ReplaceWithQOp(op, replace(q, weight=replace(q.weight, const=ref.const, bias=ref.bias))))
+    lower(view, plan, opts.recipe.lowering)
+    return view.gm
+
+
+def _constant(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    """The graph's own constant tensor (`view.read` returns a copy; its storage names the parameter)."""
+    obj: Any = gm
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def qpass_backend(
@@ -109,9 +164,10 @@ def qpass_backend(
     opts = BackendOptions.parse(options)
     if opts.recipe is None:
         return compile_graph(gm, example_inputs, opts.inductor)
+    attached = attached_forms(example_inputs)
     gm, keep = freeze_parameters(gm, example_inputs)
     user_inputs = [example_inputs[i] for i in keep]
-    qgm = quantize_graph(gm, user_inputs, opts)
+    qgm = lower_attached(gm, user_inputs, attached, opts) if attached else quantize_graph(gm, user_inputs, opts)
     compiled = compile_graph(qgm, user_inputs, opts.inductor)
 
     def run(*args: Any) -> Any:

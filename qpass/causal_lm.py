@@ -102,8 +102,14 @@ def quantize_causal_lm(
     verify: bool = True,
     tolerance: float = 1e-4,
     progress: bool = False,
+    attach: bool = False,
 ) -> CausalLMResult:
-    """Quantize `model` (a copy unless `inplace`) with `recipe`; the result still generates."""
+    """Quantize `model` (a copy unless `inplace`) with `recipe`; the result still generates.
+
+    `attach`: leave the linears float and attach each one's planned quantized form to its weight
+    parameter instead (`qpass.calibrate`, for `torch.compile(backend="qpass")` to lower in the
+    graphs dynamo captures); the folded transforms are written into the parameters either way.
+    """
     recipe = get_recipe(recipe)
     rows = token_rows(calibration, tokenizer, seq_len, max_rows, _rows_per_batch(model, seq_len))
     # verification compares full-vocabulary logits before and after each pass: two rows show a
@@ -124,7 +130,10 @@ def quantize_causal_lm(
     err = _check_mapping(view.gm, target, batches.checks[0], tolerance) if verify else None
     report.results.append(PassResult("map to modules", EditPlan("map to modules", notes=notes), err))
     if plan is not None:
-        _swap_linears(view, plan, target, params)
+        if attach:
+            _attach_plan(view, plan, target, params, recipe.name)
+        else:
+            _swap_linears(view, plan, target, params)
     target.qpass_recipe = recipe.to_dict()
     attach_saving(target)
     if recipe.kv_cache is not None:
@@ -231,6 +240,36 @@ def _swap_linears(
             setattr(grand, parent_name, with_rotation(Rotation(parent.signs, parent.matrix), module))
         else:
             setattr(parent, child, module)
+
+
+def _attach_plan(
+    view: FxGraphView, plan: QuantPlan, target: nn.Module, params: dict[str, nn.Parameter], recipe: str
+) -> None:
+    """Attach each quantized linear's QLinear to the weight parameter it reads (`qpass_qlinear`),
+    with the recipe's name; the compile backend lowers the graphs it is handed from these.
+    """
+    for edit in plan.edits:
+        node = view.node(edit.op)
+        weight = node.args[1] if is_linear(node) else None
+        param = (
+            params.get(str(weight.target)[len(PREFIX) :])
+            if weight is not None and weight.op == "get_attr" and str(weight.target).startswith(PREFIX)
+            else None
+        )
+        if param is None:
+            msg = f"linear '{edit.op.name}' does not read a model parameter as its weight; nothing to attach to"
+            raise ConfigError(msg)
+        bias = _graph_bias(view.gm, node)
+        owner = _linear_owners(target).get(id(param), [])
+        module_bias = target.get_submodule(owner[0]).bias if len(owner) == 1 else None
+        if bias is not None and module_bias is None:
+            msg = (
+                f"linear '{edit.op.name}': the recipe gave it a bias its module lacks; "
+                "qpass.calibrate cannot attach it (qpass.quantize swaps the module instead)"
+            )
+            raise ConfigError(msg)
+        param.qpass_qlinear = edit.qlinear
+        param.qpass_recipe = recipe
 
 
 def _graph_bias(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:

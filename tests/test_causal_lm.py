@@ -230,6 +230,42 @@ def test_compile_first_quantizes_the_graphs_dynamo_hands_over():
     assert _rel(got, ref) < 1e-4 < _rel(got, base)  # eager qpass's quantized logits, not FP32's
 
 
+@pytest.mark.parametrize("recipe", ["w8a8-smooth-dynamic", "w4a16-gptq", "w4a8-rotate"])
+def test_calibrate_then_compile_generates_what_eager_qpass_does(recipe):
+    """Recipes that need statistics (smoothing, GPTQ) or fold rotations: `qpass.calibrate` runs the
+    passes and the calibration once and attaches each linear's quantized form to its weight; every
+    graph dynamo captures during `generate()` is lowered from that, bit for bit as eager qpass.
+    """
+    model = _model("qwen2")
+    prompt = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    gen = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        eager = qpass.quantize(model, recipe, _calibration()).generate(prompt, **gen)
+    assert qpass.calibrate(model, recipe, _calibration()) is model
+    assert sum(hasattr(p, "qpass_qlinear") for p in model.parameters()) == 2 * 7 + 1
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="qpass", options={"recipe": recipe, "inductor": False})
+    try:
+        with torch.no_grad():
+            out = model.generate(prompt, **gen)
+        assert torch.equal(out.sequences, eager.sequences)
+        assert torch.equal(torch.stack(out.scores), torch.stack(eager.scores))
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.__class__.forward.__get__(model), backend="qpass",
+                                      options={"recipe": "w8a8-dynamic", "inductor": False})  # fmt: skip
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+            model.generate(prompt, max_new_tokens=2, do_sample=False)
+        assert isinstance(info.value.inner_exception, ConfigError)
+        assert f"calibrated with qpass.calibrate for ['{recipe}']" in str(info.value.inner_exception)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_calibrate_refuses_models_it_cannot_attach_to():
+    with pytest.raises(ConfigError, match="qpass.calibrate attaches to transformers causal LMs; for a Linear"):
+        qpass.calibrate(nn.Linear(4, 4), "w8a8", [torch.randn(2, 4)])
+
+
 def _through_cache(model, ids, cache, chunk=8):
     """Teacher-forced logits fed chunk by chunk through `cache` (later chunks read the quantized past)."""
     with torch.no_grad():
