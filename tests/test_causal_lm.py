@@ -291,7 +291,19 @@ def test_kv_cache_quantization_is_applied_inside_the_cache():
         cache = QuantizedKVCache(model.config, KVCacheConfig(format=fmt))
         errors[fmt] = _rel(_through_cache(model, ids, cache), ref)
         assert cache.get_seq_length() == 80
+        # held as packed codes (whole groups of 32 tokens for per-channel K) plus the float window
+        layer = cache.layers[0]
+        window = layer.window_k.shape[-2]
+        token_bytes = 2 * 2 * 2 * 16 * 4  # K and V, batch 2, 2 KV heads, head dim 16, float32
+        packed = layer.nbytes - window * token_bytes
+        bits = {"int8": 8, "int4": 4}[fmt]
+        assert window == 48 and cache.nbytes == sum(x.nbytes for x in cache.layers)
+        assert 32 * token_bytes * bits // 32 < packed < 32 * token_bytes * (bits + 3) // 32  # scales: < 3 bits
     assert 0 < errors["int8"] < 1e-3 < errors["int4"] < 0.05
+    # beam search reorders the packed history with its scales
+    beams = QuantizedKVCache(model.config, KVCacheConfig(format="int4", residual=0, group=8))
+    out = model.generate(ids[:1, :24], past_key_values=beams, max_new_tokens=12, num_beams=2, do_sample=False)
+    assert out.shape == (1, 36) and beams.get_seq_length() >= 24
     # tokens inside the float residual window are exact: nothing quantized yet
     window = QuantizedKVCache(model.config, KVCacheConfig(format="int4", residual=80))
     assert _rel(_through_cache(model, ids, window), ref) < 1e-6
