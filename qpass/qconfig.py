@@ -337,3 +337,20 @@ class KVCacheConfig:
         if self.residual < 0 or self.group < 1:
             msg = f"recipe key 'kv_cache': residual >= 0 and group >= 1 needed, got {self.residual}, {self.group}"
             raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the quantize stage calibrates (the recipe's `calibration:`).
+
+    `sequential`: run calibration and the weight algorithm one residual block at a time
+    (`qpass.pipeline`), each block calibrated on the outputs of the blocks before it; `False`
+    calibrates the whole graph in one go on the float model (the one-shot way). `inputs`:
+    "quantized" feeds block i the outputs of block i-1 with its weights (and activations)
+    already quantized, so each block's GPTQ corrects the error arriving from upstream, as GPTQ's
+    paper does; "float" feeds the float outputs (the statistics are then the one-shot ones,
+    which the tests use to check the block-wise execution itself).
+    """
+
+    sequential: bool = False
+    inputs: Literal["quantized", "float"] = "quantized"

@@ -1,0 +1,232 @@
+"""pipeline: block-wise, sequential execution of the quantize stage's calibration and weights.
+
+One-shot calibration runs the whole float graph over every batch, so each layer's GPTQ Hessian
+(and each static activation range) describes the *float* model's activations. But the quantized
+model feeds every layer the outputs of layers that are already quantized, and the error that
+arrives from upstream is exactly what a layer's GPTQ could correct. GPTQ's own paper,
+llm-compressor and GPTQModel therefore calibrate layer by layer: block i is calibrated on the
+outputs of blocks 0..i-1 with their weights quantized. `calibration: {sequential: true}` does that
+on the torch path:
+
+1. the graph is cut into blocks at its residual Adds (`qpass.graph.regions.blocks`: structure, no
+   module names);
+2. every batch's live values at the current cut (the residual stream, the position tables, the
+   mask...) are kept; block i runs from them node by node (an `fx.Interpreter` over a node range),
+   and the statistics of the values its quantizable ops read are accumulated as they are computed;
+3. block i's ops are planned (GPTQ, ranges...) from those statistics by the usual planner;
+4. block i runs again from the same inputs with its linears quantized as the plan says (weights
+   as dequantized codes plus corrections, activations fake-quantized as the lowering quantizes
+   them); its outputs become block i+1's inputs. Convs and float-kept ops propagate in float.
+
+Only one block's intermediate values exist at a time, plus each batch's values at the cut. The
+passes before the quantize stage are untouched: they run on the whole graph and keep their
+verification. With `inputs: float` step 4 is skipped; the statistics are then the one-shot ones
+and the plan is identical (what the tests check the block-wise execution against).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+from qpass.calibration import Stats, StatsCollector
+from qpass.errors import ConfigError
+from qpass.graph.edits import EditPlan, SiteNote
+from qpass.graph.fx import FxGraphView
+from qpass.graph.fx_capture import split_batch
+from qpass.graph.refs import OpKind
+from qpass.graph.regions.blocks import Block, find_blocks
+from qpass.qconfig import ActivationQuantConfig, CalibrationConfig, WeightQuantConfig
+from qpass.quant.qlinear import QLinear, QuantPlan, fake_quant_act, plan_quantization, quant_stat_requests
+from qpass.quant.selection import LayerSelection
+
+
+@dataclass(frozen=True)
+class _Quantized:
+    """What a planned linear computes during propagation: its effective weight, stored layout."""
+
+    weight: torch.Tensor
+    qlinear: QLinear
+
+
+class BlockRunner:
+    """Runs a captured GraphModule one node range at a time, keeping each batch's live values.
+
+    The inputs are flattened by the graph's own pytree spec (what its generated `forward` does),
+    so batches are given as they would be to the module. A value is freed after its last reader
+    has run, so a batch's environment between blocks holds just what crosses the cut.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n.name: i for i, n in enumerate(self.nodes)}
+        self.interp = fx.Interpreter(gm, garbage_collect_values=False)
+        last = {n: max((self.index[u.name] for u in n.users), default=i) for i, n in enumerate(self.nodes)}
+        self.frees: list[list[fx.Node]] = [[] for _ in self.nodes]
+        for n, i in last.items():
+            self.frees[i].append(n)
+        self._inputs = self._input_module(gm)
+
+    @staticmethod
+    def _input_module(gm: fx.GraphModule) -> fx.GraphModule:
+        """A module mapping the model's arguments to its placeholders' values, by its own in_spec."""
+        graph = fx.Graph()
+        placeholders = [graph.node_copy(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        graph.output(placeholders)
+        codegen = gm.graph._codegen
+        if isinstance(codegen, _PyTreeCodeGen) and codegen.pytree_info is not None:
+            info = codegen.pytree_info
+            graph._codegen = _PyTreeCodeGen(_PyTreeInfo(info.orig_args, info.in_spec, None))
+        return fx.GraphModule(torch.nn.Module(), graph)
+
+    def start(self, batch: Any) -> dict[fx.Node, Any]:
+        """The environment before the first node: the placeholders' values."""
+        args, kwargs = split_batch(batch)
+        values = self._inputs(*args, **kwargs)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        return dict(zip(placeholders, values, strict=True))
+
+    def span(self, blocks: Sequence[Block], k: int) -> range:
+        """Node indices of block k: after the previous block's closing Add, through its own."""
+        lo = 0 if k == 0 else self.index[blocks[k - 1].end] + 1
+        hi = len(self.nodes) if blocks[k].end is None else self.index[blocks[k].end] + 1
+        return range(lo, hi)
+
+    def run(
+        self,
+        env: dict[fx.Node, Any],
+        nodes: range,
+        observe: dict[str, Any] | None = None,
+        quantized: dict[str, _Quantized] | None = None,
+    ) -> dict[fx.Node, Any]:
+        """Run `nodes` from `env` (updated in place and returned); `observe[name](value)` sees
+        each named value once it exists, `quantized` nodes compute their quantized form.
+        """
+        observe = observe or {}
+        for name in observe:  # values computed upstream of this block
+            node = self.nodes[self.index[name]]
+            if node in env:
+                observe[name](env[node])
+        self.interp.env = env
+        with torch.no_grad():
+            for i in nodes:
+                node = self.nodes[i]
+                if node.op == "output":
+                    break
+                if node.op == "placeholder":
+                    pass
+                elif quantized and node.name in quantized:
+                    env[node] = self._quantized(node, quantized[node.name])
+                else:
+                    env[node] = self.interp.run_node(node)
+                if node.name in observe and node in env:
+                    observe[node.name](env[node])
+                for dead in self.frees[i]:
+                    env.pop(dead, None)
+        return env
+
+    def _quantized(self, node: fx.Node, q: _Quantized) -> Any:
+        args, kwargs = self.interp.fetch_args_kwargs_from_env(node)
+        x = args[0]
+        if q.qlinear.act is not None:
+            x = fake_quant_act(x, q.qlinear.act, q.qlinear.act_qparams)
+        return node.target(x, q.weight.to(args[1].dtype), *args[2:], **kwargs)
+
+
+def sequential_plan(
+    view: FxGraphView,
+    wcfg: WeightQuantConfig | None,
+    acfg: ActivationQuantConfig | None,
+    batches: Sequence[Any],
+    selection: LayerSelection | None,
+    config: CalibrationConfig,
+    *,
+    progress: bool = False,
+) -> tuple[QuantPlan, EditPlan]:
+    """The quantize plan, calibrated and planned block by block (module doc); plus a per-block report."""
+    if wcfg is not None and wcfg.mixed is not None:
+        msg = "calibration.sequential: weights.mixed chooses formats over the whole graph; use sequential: false"
+        raise ConfigError(msg)
+    if not isinstance(view, FxGraphView):
+        msg = f"calibration.sequential runs on the torch path only, not on a {type(view).__name__}"
+        raise ConfigError(msg)
+    view.invalidate()
+    blocks = find_blocks(view)
+    requests = quant_stat_requests(view, acfg, wcfg)
+    collector = StatsCollector(requests)
+    where = _observing_block(view, blocks, [r.value.name for r in requests])
+    runner = BlockRunner(view.gm)
+    envs = [runner.start(b) for b in batches]
+    stats, plan = Stats(), QuantPlan("quantize")
+    report = EditPlan("sequential calibration")
+    propagate = config.inputs == "quantized"
+    for k, block in enumerate(blocks):
+        t0 = time.perf_counter()
+        span = runner.span(blocks, k)
+        names = [n for n, b in where.items() if b == k]
+        for i, (batch, env) in enumerate(zip(batches, envs, strict=True)):
+            observe = {n: _feeder(collector, n, batch, f"batch {i}, ") for n in names}
+            out = runner.run(dict(env) if propagate else env, span, observe)
+            if not propagate:
+                envs[i] = out
+        stats.values.update(collector.finish(names).values)
+        ops = {op.name for op in block.quantizable}
+        part = plan_quantization(view, stats, wcfg, acfg, batches, selection, ops)
+        plan.edits += part.edits
+        plan.notes += part.notes
+        if propagate:
+            quantized = {e.op.name: _propagated(view, e.op, e.qlinear) for e in part.edits}
+            quantized = {n: q for n, q in quantized.items() if q is not None}
+            for env in envs:
+                runner.run(env, span, quantized=quantized)
+        detail = (
+            f"{len(part.edits)} ops planned from {len(names)} calibrated values over {len(batches)} batches "
+            f"({'quantized' if propagate else 'float'} inputs), {time.perf_counter() - t0:.2f}s"
+        )
+        report.notes.append(SiteNote(block.describe(), True, detail))
+        if progress:
+            print(f"[qpass] {block.describe()}: {detail}", flush=True)
+    from qpass.quant.conv import unquantized_notes
+
+    plan.notes += unquantized_notes(view, {op.name for b in blocks for op in b.quantizable})
+    return plan, report
+
+
+def _feeder(collector: StatsCollector, name: str, batch: Any, where: str) -> Any:
+    return lambda value: collector.update(name, value, batch, where)
+
+
+def _observing_block(view: FxGraphView, blocks: Sequence[Block], names: Sequence[str]) -> dict[str, int]:
+    """The block in which each requested value is observed: that of the first quantizable op that
+    reads it (so its statistics see every upstream block quantized), else the block computing it.
+    """
+    block_of = {op.name: b.index for b in blocks for op in b.ops}
+    readers: dict[str, int] = {}
+    for b in blocks:
+        for op in b.quantizable:
+            readers.setdefault(view.linear_input(op).name, b.index)
+    out = {}
+    for name in names:
+        if name in readers:
+            out[name] = readers[name]
+        else:
+            out[name] = block_of.get(name, 0)  # a placeholder is there from the start
+    return out
+
+
+def _propagated(view: FxGraphView, op: Any, q: QLinear) -> _Quantized | None:
+    """The stored-layout effective weight of a planned linear; None (float) for convs and float weights."""
+    if op.kind is not OpKind.LINEAR or (q.codes is None and q.act is None):
+        return None
+    ref = q.weight
+    w = q.effective_weight() if q.codes is not None else view.read(ref.const).to(torch.float32)
+    if q.codes is not None and ref.out_axis != 0:
+        w = w.T
+    return _Quantized(w.contiguous(), q)
