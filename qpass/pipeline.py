@@ -2,11 +2,10 @@
 
 One-shot calibration runs the whole float graph over every batch, so each layer's GPTQ Hessian
 (and each static activation range) describes the *float* model's activations. But the quantized
-model feeds every layer the outputs of layers that are already quantized, and the error that
-arrives from upstream is exactly what a layer's GPTQ could correct. GPTQ's own paper,
-llm-compressor and GPTQModel therefore calibrate layer by layer: block i is calibrated on the
-outputs of blocks 0..i-1 with their weights quantized. `calibration: {sequential: true}` does that
-on the torch path:
+model feeds every layer the outputs of layers that are already quantized, so its Hessian should
+describe those inputs. GPTQ's own paper, llm-compressor and GPTQModel therefore calibrate layer
+by layer: block i is calibrated on the outputs of blocks 0..i-1 with their weights quantized.
+`calibration: {sequential: true}` does that on the torch path:
 
 1. the graph is cut into blocks at its residual Adds (`qpass.graph.regions.blocks`: structure, no
    module names);
@@ -18,6 +17,10 @@ on the torch path:
    as dequantized codes plus corrections, activations fake-quantized as the lowering quantizes
    them); its outputs become block i+1's inputs. Convs and float-kept ops propagate in float.
 
+With `objective: float_outputs` a float copy of every batch's values at the cut runs alongside,
+and each linear is fitted to the float model's outputs rather than to its own float weights on
+the new inputs (`_float_output_targets`).
+
 Only one block's intermediate values exist at a time, plus each batch's values at the cut. The
 passes before the quantize stage are untouched: they run on the whole graph and keep their
 verification. With `inputs: float` step 4 is skipped; the statistics are then the one-shot ones
@@ -26,8 +29,9 @@ and the plan is identical (what the tests check the block-wise execution against
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,15 +39,22 @@ import torch
 import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
-from qpass.calibration import Stats, StatsCollector
+from qpass.calibration import Stats, StatsCollector, as_rows
 from qpass.errors import ConfigError
 from qpass.graph.edits import EditPlan, SiteNote
 from qpass.graph.fx import FxGraphView
 from qpass.graph.fx_capture import split_batch
-from qpass.graph.refs import OpKind
+from qpass.graph.refs import ConstRef, OpKind
 from qpass.graph.regions.blocks import Block, find_blocks
 from qpass.qconfig import ActivationQuantConfig, CalibrationConfig, WeightQuantConfig
-from qpass.quant.qlinear import QLinear, QuantPlan, fake_quant_act, plan_quantization, quant_stat_requests
+from qpass.quant.qlinear import (
+    QLinear,
+    QuantPlan,
+    canonical_weight,
+    fake_quant_act,
+    plan_quantization,
+    quant_stat_requests,
+)
 from qpass.quant.selection import LayerSelection
 
 
@@ -164,21 +175,30 @@ def sequential_plan(
     where = _observing_block(view, blocks, [r.value.name for r in requests])
     runner = BlockRunner(view.gm)
     envs = [runner.start(b) for b in batches]
+    propagate = config.inputs == "quantized"
+    asymmetric = config.objective == "float_outputs" and wcfg is not None and wcfg.needs_hessian
+    fenvs = [dict(e) for e in envs] if asymmetric else []  # the float model's values at the cut
+    cross: dict[str, torch.Tensor] = {}  # X_fp^T X per linear input (objective float_outputs)
     stats, plan = Stats(), QuantPlan("quantize")
     report = EditPlan("sequential calibration")
-    propagate = config.inputs == "quantized"
     for k, block in enumerate(blocks):
         t0 = time.perf_counter()
         span = runner.span(blocks, k)
         names = [n for n, b in where.items() if b == k]
         for i, (batch, env) in enumerate(zip(batches, envs, strict=True)):
-            observe = {n: _feeder(collector, n, batch, f"batch {i}, ") for n in names}
+            floats: dict[str, torch.Tensor] | None = None
+            if asymmetric:
+                floats = {}
+                runner.run(fenvs[i], span, {n: _stash(floats, n) for n in names})
+            observe = {n: _feeder(collector, n, batch, f"batch {i}, ", floats, cross) for n in names}
             out = runner.run(dict(env) if propagate else env, span, observe)
             if not propagate:
                 envs[i] = out
         stats.values.update(collector.finish(names).values)
         ops = {op.name for op in block.quantizable}
-        part = plan_quantization(view, stats, wcfg, acfg, batches, selection, ops)
+        targets = _float_output_targets(view, block, stats, cross, wcfg) if asymmetric else {}
+        with _written(view, targets):
+            part = plan_quantization(view, stats, wcfg, acfg, batches, selection, ops)
         plan.edits += part.edits
         plan.notes += part.notes
         if propagate:
@@ -186,9 +206,13 @@ def sequential_plan(
             quantized = {n: q for n, q in quantized.items() if q is not None}
             for env in envs:
                 runner.run(env, span, quantized=quantized)
+        for name in names:
+            cross.pop(name, None)
         detail = (
             f"{len(part.edits)} ops planned from {len(names)} calibrated values over {len(batches)} batches "
-            f"({'quantized' if propagate else 'float'} inputs), {time.perf_counter() - t0:.2f}s"
+            f"({'quantized' if propagate else 'float'} inputs"
+            + (f", {len(targets)} weights fitted to float outputs" if asymmetric else "")
+            + f"), {time.perf_counter() - t0:.2f}s"
         )
         report.notes.append(SiteNote(block.describe(), True, detail))
         if progress:
@@ -199,8 +223,81 @@ def sequential_plan(
     return plan, report
 
 
-def _feeder(collector: StatsCollector, name: str, batch: Any, where: str) -> Any:
-    return lambda value: collector.update(name, value, batch, where)
+def _stash(store: dict[str, torch.Tensor], name: str) -> Any:
+    return lambda value: store.__setitem__(name, value)
+
+
+def _finite64(rows: torch.Tensor) -> torch.Tensor:
+    rows = rows.detach().to(torch.float64)
+    return torch.where(torch.isfinite(rows), rows, 0.0)
+
+
+def _feeder(
+    collector: StatsCollector,
+    name: str,
+    batch: Any,
+    where: str,
+    floats: dict[str, torch.Tensor] | None = None,
+    cross: dict[str, torch.Tensor] | None = None,
+) -> Any:
+    """Feeds `name`'s value to the collector, and with the float model's value of the same
+    tokens at hand (`floats`) accumulates the cross moment X_fp^T X into `cross`.
+    """
+
+    def feed(value: torch.Tensor) -> None:
+        collector.update(name, value, batch, where)
+        if floats is not None and cross is not None and name in floats:
+            xf = _finite64(as_rows(floats.pop(name), batch))
+            c = xf.T @ _finite64(as_rows(value, batch))
+            cross[name] = c if name not in cross else cross[name] + c
+
+    return feed
+
+
+def _float_output_targets(
+    view: FxGraphView,
+    block: Block,
+    stats: Stats,
+    cross: dict[str, torch.Tensor],
+    wcfg: WeightQuantConfig,
+) -> dict[str, torch.Tensor]:
+    """Per weight constant of the block's linears, W' = W C (H + λI)^-1 (stored layout), with
+    H = X^T X on the quantized inputs and C = X_fp^T X: the least-squares weight that maps the
+    inputs the layer now gets to the float model's outputs. ||X Ŵ^T - X_fp W^T||² equals
+    ||X (Ŵ - W')^T||² plus a constant, so GPTQ of W' under H minimises the float-output objective.
+    λ is the recipe's GPTQ dampening; weights kept in float (no statistics) are left alone.
+    """
+    out: dict[str, torch.Tensor] = {}
+    maps: dict[str, torch.Tensor] = {}
+    for op in block.quantizable:
+        name = view.linear_input(op).name
+        ref = view.weight(op)
+        if op.kind is not OpKind.LINEAR or name not in cross or ref is None or name not in stats:
+            continue
+        if name not in maps:
+            h = stats[name].xtx
+            lam = 0.0 if h is None else wcfg.damp * float(h.diagonal().mean())
+            if h is None or lam <= 0:
+                continue
+            hd = h + lam * torch.eye(h.shape[0], dtype=h.dtype)
+            maps[name] = torch.linalg.solve(hd, cross[name].T).T  # C Hd^-1 (Hd symmetric)
+        w = canonical_weight(view.read(ref.const), ref).to(torch.float64)
+        target = (w @ maps[name]).to(torch.float32)
+        out[ref.const.name] = target if ref.out_axis == 0 else target.T.contiguous()
+    return out
+
+
+@contextlib.contextmanager
+def _written(view: FxGraphView, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The constants hold `weights` while the planner reads them; the originals are restored."""
+    saved = {name: view.read(ConstRef(name, tuple(w.shape))) for name, w in weights.items()}
+    try:
+        for name, w in weights.items():
+            view.write(ConstRef(name, tuple(w.shape)), w)
+        yield
+    finally:
+        for name, w in saved.items():
+            view.write(ConstRef(name, tuple(w.shape)), w)
 
 
 def _observing_block(view: FxGraphView, blocks: Sequence[Block], names: Sequence[str]) -> dict[str, int]:

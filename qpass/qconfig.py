@@ -350,7 +350,20 @@ class CalibrationConfig:
     already quantized, so each block's GPTQ corrects the error arriving from upstream, as GPTQ's
     paper does; "float" feeds the float outputs (the statistics are then the one-shot ones,
     which the tests use to check the block-wise execution itself).
+
+    `objective`: what each layer's weight algorithm minimises. "layer" is GPTQ's own
+    ||W X - Ŵ X||² on the inputs X the layer now receives (X^T X from the quantized upstream);
+    it fits the layer to its new inputs but does not correct the error that came with them.
+    "float_outputs" minimises ||W X_fp - Ŵ X||², X_fp the float model's inputs of the same layer
+    on the same tokens (GPTAQ's asymmetric calibration): the layer also absorbs the drift arriving
+    from upstream. It needs a float copy of the block inputs and one more pass per block.
     """
 
     sequential: bool = False
     inputs: Literal["quantized", "float"] = "quantized"
+    objective: Literal["layer", "float_outputs"] = "layer"
+
+    def __post_init__(self) -> None:
+        if self.objective == "float_outputs" and (not self.sequential or self.inputs != "quantized"):
+            msg = "calibration.objective float_outputs needs sequential: true with inputs: quantized"
+            raise ConfigError(msg)
