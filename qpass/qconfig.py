@@ -357,6 +357,9 @@ class CalibrationConfig:
     "float_outputs" minimises ||W X_fp - Ŵ X||², X_fp the float model's inputs of the same layer
     on the same tokens (GPTAQ's asymmetric calibration): the layer also absorbs the drift arriving
     from upstream. It needs a float copy of the block inputs and one more pass per block.
+    Experimental: the fit has a free weight per input channel and output, and with a few thousand
+    calibration tokens it overfits (SmolLM2-135M, 16 x 256 tokens: held-out perplexity 72.5 vs
+    34.7 one-shot for w4a16-gptq; benchmarks/results/pipeline_sequential.md).
     """
 
     sequential: bool = False
