@@ -52,6 +52,21 @@ MODES = {  # the recipe's `calibration:` section per mode
 }
 
 
+NOTES = [
+    "Notes:",
+    "",
+    "- `w4a8-rotate-gptq` / `w4a4-rotate-gptq` are the built-in `w4a8-rotate` / `w4a4-rotate` with",
+    "  `weights.algo: gptq`. The built-ins use RTN weights and dynamic activations: nothing is",
+    "  calibrated, so `sequential` gives the one-shot model by construction (tested with RTN weights).",
+    "- `sequential+float-outputs` (`objective: float_outputs`, each layer fitted to the float model's",
+    "  outputs, GPTAQ-style) overfits at this calibration size: the fit has one free weight per input",
+    "  channel and output, with 4096 calibration tokens against 576-1536 inputs per layer.",
+    "- Code `784327d+dirty`: the first commit's pipeline (its `layer` objective is unchanged since);",
+    "  its sequential rows kept each batch's logits after the tail (fixed in c839835: peak RSS of",
+    "  those rows may be high by up to 4 x 4 x 256 x 49152 x 4 B = 0.8 GB, it did not set the peak here).",
+]
+
+
 def _load(model: str):
     from qpass import zoo
 
@@ -94,7 +109,18 @@ def run_row(model_name: str, recipe_name: str, mode: str, calib_rows: int, eval_
         "rss_after_load_mib": rss_loaded,
         "loadavg_before": load0,
         "loadavg_after": _loadavg(),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str:
+    """The code the row ran (a dirty tree is marked): rows of earlier runs are kept in the table."""
+    git = ["git", "-C", str(Path(__file__).parent)]
+    head = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "qpass"], capture_output=True, text=True).stdout
+    return head + ("+dirty" if dirty.strip() else "")
 
 
 def main() -> None:
@@ -152,17 +178,22 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
         *(f"- {k}: {v}" for k, v in meta.items()),
         "- peak RSS: the row's own process (model load + quantize + evaluation)",
         "",
-        "| model | recipe | calibration | perplexity | vs FP32 | quantize s | peak RSS MiB | load before |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| model | recipe | calibration | perplexity | vs FP32 | quantize s | peak RSS MiB | load before / after "
+        "| code |",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
     ]
+    order = {name: i for i, name in enumerate(["fp32", *RECIPES])}
+    modes = {name: i for i, name in enumerate(["-", *MODES])}
+    rows = sorted(rows, key=lambda r: (r["model"], order.get(r["recipe"], 99), modes.get(r["mode"], 99)))
     for r in rows:
         fp = next((f["perplexity"] for f in rows if f["model"] == r["model"] and f["recipe"] == "fp32"), None)
         vs = f"{100 * (r['perplexity'] / fp - 1):+.1f}%" if fp else "?"
         lines.append(
             f"| {r['model']} | {r['recipe']} | {r['mode']} | {r['perplexity']:.3f} | {vs} "
-            f"| {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['loadavg_before']} |"
+            f"| {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['loadavg_before']} / "
+            f"{r.get('loadavg_after', '?')} | {r.get('commit', '?')} |"
         )
-    (OUT / "pipeline_sequential.md").write_text("\n".join([*lines, ""]))
+    (OUT / "pipeline_sequential.md").write_text("\n".join([*lines, "", *NOTES, ""]))
 
 
 if __name__ == "__main__":

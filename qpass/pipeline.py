@@ -46,6 +46,7 @@ from qpass.graph.fx import FxGraphView
 from qpass.graph.fx_capture import split_batch
 from qpass.graph.refs import ConstRef, OpKind
 from qpass.graph.regions.blocks import Block, find_blocks
+from qpass.pipeline_dist import all_reduce_stats, all_reduce_sums, local_batches
 from qpass.qconfig import ActivationQuantConfig, CalibrationConfig, WeightQuantConfig
 from qpass.quant.qlinear import (
     QLinear,
@@ -178,7 +179,8 @@ def sequential_plan(
     collector = StatsCollector(requests)
     where = _observing_block(view, blocks, [r.value.name for r in requests])
     runner = BlockRunner(view.gm)
-    envs = [runner.start(b) for b in batches]
+    mine = local_batches(batches)  # this rank's share under torch.distributed (qpass.pipeline_dist)
+    envs = [runner.start(b) for b in mine]
     propagate = config.inputs == "quantized"
     asymmetric = config.objective == "float_outputs" and wcfg is not None and wcfg.needs_hessian
     fenvs = [dict(e) for e in envs] if asymmetric else []  # the float model's values at the cut
@@ -189,7 +191,7 @@ def sequential_plan(
         t0 = time.perf_counter()
         span = runner.span(blocks, k)
         names = [n for n, b in where.items() if b == k]
-        for i, (batch, env) in enumerate(zip(batches, envs, strict=True)):
+        for i, (batch, env) in enumerate(zip(mine, envs, strict=True)):
             floats: dict[str, torch.Tensor] | None = None
             if asymmetric:
                 floats = {}
@@ -198,7 +200,8 @@ def sequential_plan(
             out = runner.run(dict(env) if propagate else env, span, observe)
             if not propagate:
                 envs[i] = out
-        stats.values.update(collector.finish(names).values)
+        stats.values.update(all_reduce_stats(collector.finish(names)).values)
+        all_reduce_sums(cross, names)
         ops = {op.name for op in block.quantizable}
         targets = _float_output_targets(view, block, stats, cross, wcfg) if asymmetric else {}
         with _written(view, targets):

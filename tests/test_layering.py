@@ -33,7 +33,7 @@ MAX_LINES = 400
 
 BASE = {"errors", "config", "qconfig", "formats", "math", "threads", "io", "data"}
 GRAPH = {"graph"}
-CORE = {"calibration", "pass_base", "pass_manager", "quant", "evaluate", "pipeline"}
+CORE = {"calibration", "pass_base", "pass_manager", "quant", "evaluate", "pipeline", "pipeline_dist"}
 
 ALLOWED = {
     "base": {"base"},

@@ -79,6 +79,11 @@ def _codes(model) -> dict[str, torch.Tensor]:
     return {n: m.qpass_qlinear.codes for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+RECIPE_GPTQ_SEQ = {  # also run across processes by tests/test_pipeline_dist.py
+    "weights": {"format": "int4", "group": 32, "algo": "gptq"},
+    "activations": None,
+    "calibration": {"sequential": True},
+}
 W4A8_ACTS = {"format": "int8", "granularity": "per_token", "dynamic": True}
 W4A16_RTN = {"weights": {"format": "int4", "group": 32}, "activations": None}
 W8A8_STATIC_GPTQ = {
