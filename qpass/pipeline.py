@@ -30,9 +30,12 @@ and the plan is identical (what the tests check the block-wise execution against
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -187,6 +190,8 @@ def sequential_plan(
     cross: dict[str, torch.Tensor] = {}  # X_fp^T X per linear input (objective float_outputs)
     stats, plan = Stats(), QuantPlan("quantize")
     report = EditPlan("sequential calibration")
+    spill = contextlib.ExitStack()
+    folder = None
     for k, block in enumerate(blocks):
         t0 = time.perf_counter()
         span = runner.span(blocks, k)
@@ -215,10 +220,17 @@ def sequential_plan(
                 runner.run(env, span, quantized=quantized)
         for name in names:
             cross.pop(name, None)
+        last = k == len(blocks) - 1
+        offloaded = not last and config.offload_mb is not None and _cut_mib(envs + fenvs) > config.offload_mb
+        if offloaded:
+            folder = folder or Path(spill.enter_context(tempfile.TemporaryDirectory(prefix="qpass-cut-")))
+            for i, env in enumerate(envs + fenvs):
+                _offload(env, folder / f"env{i}.pt")
         detail = (
             f"{len(part.edits)} ops planned from {len(names)} calibrated values over {len(batches)} batches "
             f"({'quantized' if propagate else 'float'} inputs"
             + (f", {len(targets)} weights fitted to float outputs" if asymmetric else "")
+            + (f", cut memory-mapped from {folder}" if offloaded else "")
             + f"), {time.perf_counter() - t0:.2f}s"
         )
         report.notes.append(SiteNote(block.describe(), True, detail))
@@ -227,7 +239,37 @@ def sequential_plan(
     from qpass.quant.conv import unquantized_notes
 
     plan.notes += unquantized_notes(view, {op.name for b in blocks for op in b.quantizable})
+    envs.clear()
+    fenvs.clear()
+    spill.close()
     return plan, report
+
+
+def _spillable(node: fx.Node, value: Any) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and not isinstance(value, torch.nn.Parameter)
+        and node.op != "get_attr"
+    )
+
+
+def _cut_mib(envs: Sequence[dict[fx.Node, Any]]) -> float:
+    """MiB of activations held at the cut (constants excluded: they are the model's own)."""
+    total = sum(v.numel() * v.element_size() for env in envs for n, v in env.items() if _spillable(n, v))
+    return total / 2**20
+
+
+def _offload(env: dict[fx.Node, Any], path: Path) -> None:
+    """Write the env's activations to `path` and map them back (an earlier file of the same
+    name stays readable by the tensors still mapping it until they are freed).
+    """
+    tensors = {n.name: v.contiguous() for n, v in env.items() if _spillable(n, v)}
+    tmp = path.with_suffix(".tmp")
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)
+    loaded = torch.load(path, mmap=True, weights_only=True)
+    for node in [n for n in env if n.name in loaded]:
+        env[node] = loaded[node.name]
 
 
 def _stash(store: dict[str, torch.Tensor], name: str) -> Any:

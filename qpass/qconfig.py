@@ -365,6 +365,9 @@ class CalibrationConfig:
     sequential: bool = False
     inputs: Literal["quantized", "float"] = "quantized"
     objective: Literal["layer", "float_outputs"] = "layer"
+    # the values crossing the current cut (all batches) above this many MiB are written to a
+    # temporary folder and memory-mapped back: the OS pages them in as each batch runs
+    offload_mb: float | None = None
 
     def __post_init__(self) -> None:
         if self.objective == "float_outputs" and (not self.sequential or self.inputs != "quantized"):

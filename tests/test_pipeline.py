@@ -143,6 +143,19 @@ def test_sequential_gptq_propagates_what_the_quantized_model_computes():
     assert out.shape == (1, 12)
 
 
+def test_offloaded_cut_gives_the_in_memory_codes():
+    """With `offload_mb: 0` every cut is written to disk and memory-mapped back: same codes."""
+    model, calib = _model("llama-tied"), _tokens(1, 4)
+    mem, _ = _quantize(model, RECIPE_GPTQ_SEQ, calib)
+    spilled = {**RECIPE_GPTQ_SEQ, "calibration": {"sequential": True, "offload_mb": 0}}
+    disk, report = _quantize(model, spilled, calib)
+    blocks = next(r for r in report.results if r.name == "sequential calibration")
+    assert all("memory-mapped" in n.detail for n in blocks.plan.notes[:-1])  # the tail feeds nothing
+    codes_mem, codes_disk = _codes(mem), _codes(disk)
+    assert codes_mem.keys() == codes_disk.keys()
+    assert all(torch.equal(codes_mem[n], codes_disk[n]) for n in codes_mem)
+
+
 def test_calibration_keys_are_typed():
     recipe = Recipe.from_dict({**W4A16_RTN, "calibration": {"sequential": True}})
     assert recipe.calibration.sequential and Recipe.from_dict(recipe.to_dict()) == recipe
