@@ -285,6 +285,44 @@ def as_rows(value: torch.Tensor, batch: Any = None) -> torch.Tensor:
     return rows[mask] if mask is not None else rows
 
 
+class StatsCollector:
+    """Accumulates the requested statistics value by value, as each value is computed.
+
+    Whole-graph calibration feeds it from the graph's probes; the block pipeline
+    (`qpass.pipeline`) feeds it block by block, finishing each block's values before the next
+    block runs. Each value's sampling seed depends only on its place in `requests`, so both
+    routes sample the same rows from the same data.
+    """
+
+    def __init__(self, requests: Sequence[StatRequest], *, max_samples: int = 512, seed: int = 0) -> None:
+        merged: dict[str, frozenset[StatKind]] = {}
+        for r in requests:
+            merged[r.value.name] = merged.get(r.value.name, frozenset()) | r.kinds
+        self._accs = {
+            name: _Accumulator(name, kinds, max_samples, seed + i)
+            for i, (name, kinds) in enumerate(merged.items())
+        }
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._accs)
+
+    def update(self, name: str, value: torch.Tensor, batch: Any = None, where: str = "") -> None:
+        """Add one batch's `value` (masked rows dropped: `as_rows`)."""
+        self._accs[name].update(as_rows(value, batch), where)
+
+    def finish(self, names: Iterable[str] | None = None) -> Stats:
+        """The statistics of `names` (all values by default); each must have seen rows."""
+        out = Stats()
+        for name in self._accs if names is None else names:
+            st = self._accs[name].finish()
+            if st is None:
+                msg = f"calibration saw no rows for '{name}' (all masked out?)"
+                raise CalibrationError(msg)
+            out.values[name] = st
+        return out
+
+
 def calibrate(
     view: GraphView,
     batches: Iterable[Any],
@@ -296,16 +334,10 @@ def calibrate(
     desc: str = "calibrating",
 ) -> Stats:
     """Run every batch once and accumulate the requested statistics."""
-    merged: dict[str, frozenset[StatKind]] = {}
-    for r in requests:
-        merged[r.value.name] = merged.get(r.value.name, frozenset()) | r.kinds
-    accs = {
-        name: _Accumulator(name, kinds, max_samples, seed + i)
-        for i, (name, kinds) in enumerate(merged.items())
-    }
-    if not accs:
+    collector = StatsCollector(requests, max_samples=max_samples, seed=seed)
+    if not collector.names:
         return Stats()
-    values = [ValueRef(n) for n in accs]
+    values = [ValueRef(n) for n in collector.names]
     batches = list(batches) if not isinstance(batches, Sequence) else batches
     if len(batches) == 0:
         msg = "calibration data is empty: at least one batch is needed"
@@ -314,15 +346,8 @@ def calibrate(
     stream = view.observe_stream(values, batches)
     try:
         for i, (batch, observed) in enumerate(zip(bar, stream, strict=True)):
-            for name, acc in accs.items():
-                acc.update(as_rows(observed[name], batch), f"batch {i}, ")
+            for name in collector.names:
+                collector.update(name, observed[name], batch, f"batch {i}, ")
     finally:
         stream.close()  # adapters remove their probes here
-    out = Stats()
-    for name, acc in accs.items():
-        st = acc.finish()
-        if st is None:
-            msg = f"calibration saw no rows for '{name}' (all masked out?)"
-            raise CalibrationError(msg)
-        out.values[name] = st
-    return out
+    return collector.finish()

@@ -10,6 +10,7 @@ from qpass.calibration import calibrate
 from qpass.graph.view import GraphView
 from qpass.pass_base import PassContext
 from qpass.pass_manager import PassReport, PassResult, run_passes
+from qpass.pipeline import sequential_plan
 from qpass.quant.qlinear import QuantPlan, plan_quantization, quant_stat_requests
 from qpass.recipe import Recipe
 from qpass.registry import build_pass, pass_config
@@ -31,9 +32,21 @@ def plan_recipe(
     report = run_passes(view, _weight_passes(recipe), batches, ctx, verify=verify, tolerance=tolerance)
     if not recipe.quantizes:
         return report, None
-    requests = quant_stat_requests(view, recipe.activations, recipe.weights)
-    stats = calibrate(view, batches, requests, progress=progress, desc="quantize") if requests else None
-    plan = plan_quantization(view, stats, recipe.weights, recipe.activations, batches, recipe.layers)
+    if recipe.calibration.sequential:  # block by block, each on its quantized predecessors' outputs
+        plan, blocks = sequential_plan(
+            view,
+            recipe.weights,
+            recipe.activations,
+            batches,
+            recipe.layers,
+            recipe.calibration,
+            progress=progress,
+        )
+        report.results.append(PassResult("sequential calibration", blocks))
+    else:
+        requests = quant_stat_requests(view, recipe.activations, recipe.weights)
+        stats = calibrate(view, batches, requests, progress=progress, desc="quantize") if requests else None
+        plan = plan_quantization(view, stats, recipe.weights, recipe.activations, batches, recipe.layers)
     report.results.append(PassResult("quantize", plan))
     return report, plan
 

@@ -337,3 +337,39 @@ class KVCacheConfig:
         if self.residual < 0 or self.group < 1:
             msg = f"recipe key 'kv_cache': residual >= 0 and group >= 1 needed, got {self.residual}, {self.group}"
             raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the quantize stage calibrates (the recipe's `calibration:`).
+
+    `sequential`: run calibration and the weight algorithm one residual block at a time
+    (`qpass.pipeline`), each block calibrated on the outputs of the blocks before it; `False`
+    calibrates the whole graph in one go on the float model (the one-shot way). `inputs`:
+    "quantized" feeds block i the outputs of block i-1 with its weights (and activations)
+    already quantized, so each block's GPTQ corrects the error arriving from upstream, as GPTQ's
+    paper does; "float" feeds the float outputs (the statistics are then the one-shot ones,
+    which the tests use to check the block-wise execution itself).
+
+    `objective`: what each layer's weight algorithm minimises. "layer" is GPTQ's own
+    ||W X - Ŵ X||² on the inputs X the layer now receives (X^T X from the quantized upstream);
+    it fits the layer to its new inputs but does not correct the error that came with them.
+    "float_outputs" minimises ||W X_fp - Ŵ X||², X_fp the float model's inputs of the same layer
+    on the same tokens (GPTAQ's asymmetric calibration): the layer also absorbs the drift arriving
+    from upstream. It needs a float copy of the block inputs and one more pass per block.
+    Experimental: the fit has a free weight per input channel and output, and with a few thousand
+    calibration tokens it overfits (SmolLM2-135M, 16 x 256 tokens: held-out perplexity 72.5 vs
+    34.7 one-shot for w4a16-gptq; benchmarks/results/pipeline_sequential.md).
+    """
+
+    sequential: bool = False
+    inputs: Literal["quantized", "float"] = "quantized"
+    objective: Literal["layer", "float_outputs"] = "layer"
+    # the values crossing the current cut (all batches) above this many MiB are written to a
+    # temporary folder and memory-mapped back: the OS pages them in as each batch runs
+    offload_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective == "float_outputs" and (not self.sequential or self.inputs != "quantized"):
+            msg = "calibration.objective float_outputs needs sequential: true with inputs: quantized"
+            raise ConfigError(msg)

@@ -18,7 +18,13 @@ from qpass.config import from_mapping, to_mapping
 from qpass.errors import ConfigError
 from qpass.pass_base import PassContext, QPass
 from qpass.pass_manager import check_pass_order
-from qpass.qconfig import ActivationQuantConfig, KVCacheConfig, OnnxLoweringConfig, WeightQuantConfig
+from qpass.qconfig import (
+    ActivationQuantConfig,
+    CalibrationConfig,
+    KVCacheConfig,
+    OnnxLoweringConfig,
+    WeightQuantConfig,
+)
 from qpass.quant.selection import LayerSelection
 from qpass.registry import PASSES
 
@@ -33,6 +39,7 @@ _TOP_KEYS = (
     "exclude",
     "only",
     "kv_cache",
+    "calibration",
 )
 
 
@@ -60,6 +67,7 @@ class Recipe:
     lowering: OnnxLoweringConfig = field(default_factory=OnnxLoweringConfig)
     layers: LayerSelection = field(default_factory=LayerSelection)  # recipe keys `exclude:` / `only:`
     kv_cache: KVCacheConfig | None = None  # transformers LMs: applied inside the cache (qpass.lm_kv_cache)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # qpass.pipeline
 
     def __post_init__(self) -> None:
         # what the passes declare (must run last, formats they need) is checked when the recipe is made
@@ -100,6 +108,7 @@ class Recipe:
                 kv_cache=None
                 if data.get("kv_cache") is None
                 else from_mapping(KVCacheConfig, data["kv_cache"], "kv_cache"),
+                calibration=from_mapping(CalibrationConfig, data.get("calibration"), "calibration"),
             )
         except ConfigError as exc:
             msg = f"{origin}: {exc}"
@@ -138,6 +147,11 @@ class Recipe:
             **({"exclude": list(self.layers.exclude)} if self.layers.exclude else {}),
             **({"only": list(self.layers.only)} if self.layers.only else {}),
             **({"kv_cache": to_mapping(self.kv_cache)} if self.kv_cache is not None else {}),
+            **(
+                {"calibration": to_mapping(self.calibration)}
+                if self.calibration != CalibrationConfig()
+                else {}
+            ),
         }
 
     def to_yaml(self) -> str:

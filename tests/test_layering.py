@@ -7,7 +7,8 @@ happen) and each `qpass...` import is checked against the allowed directions bel
 - base: errors, config, qconfig, formats, math, threads, io, data (depends on nothing of ours above)
 - kernels: Triton/CPU kernels (base only)
 - graph: the neutral view, refs, edits, adapters, the region walker (base only)
-- core: calibration, the pass contract and manager, the quantize stage, evaluation (graph + base)
+- core: calibration, the block pipeline, the pass contract and manager, the quantize stage, evaluation
+  (graph + base)
 - passes: `QPass` subclasses only (core and below)
 - lowering: graph kinds' lowerings (core, kernels and below)
 - registry: the one module that looks upward (names passes and lowerings)
@@ -32,7 +33,7 @@ MAX_LINES = 400
 
 BASE = {"errors", "config", "qconfig", "formats", "math", "threads", "io", "data"}
 GRAPH = {"graph"}
-CORE = {"calibration", "pass_base", "pass_manager", "quant", "evaluate"}
+CORE = {"calibration", "pass_base", "pass_manager", "quant", "evaluate", "pipeline", "pipeline_dist"}
 
 ALLOWED = {
     "base": {"base"},

@@ -279,8 +279,9 @@ def plan_quantization(
     acfg: ActivationQuantConfig | None,
     batches: Sequence[Any] | None = None,
     selection: LayerSelection | None = None,
+    ops: set[str] | None = None,
 ) -> QuantPlan:
-    """One ReplaceWithQOp per quantizable linear; skipped layers say why.
+    """One ReplaceWithQOp per quantizable linear (of `ops` only, if given: one pipeline block); skipped layers say why.
 
     With `wcfg.mixed`, each layer's format is chosen first (`qpass.quant.mixed_formats.choose_formats`,
     which measures sensitivity on `batches`) and the choice is reported per layer.
@@ -296,7 +297,7 @@ def plan_quantization(
     from qpass.quant.conv import conv_skip_reason, describe_conv, plan_conv, unquantized_notes
 
     planned: set[str] = set()
-    for op in iter_quantizable_ops(view):
+    for op in (o for o in iter_quantizable_ops(view) if ops is None or o.name in ops):
         planned.add(op.name)
         reason = selector.skip_reason(op) if selector else None
         if reason is not None:
@@ -331,7 +332,7 @@ def plan_quantization(
             qlinear = _quantize_linear(view, op, ref, stats, wcfg, acfg, chosen.get(op.name))
         plan.edits.append(ReplaceWithQOp(op, qlinear, site=op.name))
         plan.notes.append(SiteNote(op.name, True, _describe(qlinear)))
-    plan.notes.extend(unquantized_notes(view, planned))
+    plan.notes.extend(unquantized_notes(view, planned) if ops is None else [])
     return plan
 
 

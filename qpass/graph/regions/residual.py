@@ -124,6 +124,11 @@ def _components(view: GraphView) -> list[_Component]:
     return [c for c in groups.values() if _has_stream_reader(view, c)]
 
 
+def residual_adds(view: GraphView) -> set[str]:
+    """The residual Adds of every stream component: where each block writes its result back."""
+    return {name for comp in _components(view) for name in comp.adds}
+
+
 def _has_stream_reader(view: GraphView, comp: _Component) -> bool:
     """A residual stream is read by linears or norms (this leaves out e.g. RoPE's q*cos + r(q)*sin)."""
     kinds = (OpKind.LINEAR, OpKind.LAYER_NORM, OpKind.RMS_NORM)
