@@ -207,6 +207,21 @@ class OnnxGraphView(GraphView):
             self._const(beta) if self._is_const(beta) else None,
         )
 
+    def clip_bounds(self, op: OpRef) -> tuple[float, float] | None:
+        if op.op_type == "Relu":
+            return 0.0, float("inf")
+        if op.op_type != "Clip":
+            return None
+        node, bounds = self.node(op), [float("-inf"), float("inf")]
+        for i in (1, 2):
+            value = node.inputs[i] if len(node.inputs) > i else None
+            if value is None:
+                continue
+            if not self._is_const(value) or value.const_value.numpy().size != 1:
+                return None
+            bounds[i - 1] = float(value.const_value.numpy().reshape(()))
+        return bounds[0], bounds[1]
+
     def const_users(self, const: ConstRef) -> int:
         return len(self._values[const.name].uses())
 
