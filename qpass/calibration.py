@@ -47,6 +47,16 @@ class StatRequest:
 
     value: ValueRef
     kinds: frozenset[StatKind] = frozenset({StatKind.RANGE})
+    channel_axis: int = -1  # a conv input's channels are axis 1 (NCHW); kept under `stat_key`
+
+    @property
+    def key(self) -> str:
+        return stat_key(self.value, self.channel_axis)
+
+
+def stat_key(value: ValueRef, channel_axis: int = -1) -> str:
+    """Where `Stats` keeps a value's statistics: its name, plus '#axis<k>' for a channel axis not last."""
+    return value.name if channel_axis == -1 else f"{value.name}#axis{channel_axis}"
 
 
 @dataclass
@@ -297,15 +307,17 @@ def calibrate(
 ) -> Stats:
     """Run every batch once and accumulate the requested statistics."""
     merged: dict[str, frozenset[StatKind]] = {}
+    where: dict[str, tuple[str, int]] = {}
     for r in requests:
-        merged[r.value.name] = merged.get(r.value.name, frozenset()) | r.kinds
+        merged[r.key] = merged.get(r.key, frozenset()) | r.kinds
+        where[r.key] = (r.value.name, r.channel_axis)
     accs = {
         name: _Accumulator(name, kinds, max_samples, seed + i)
         for i, (name, kinds) in enumerate(merged.items())
     }
     if not accs:
         return Stats()
-    values = [ValueRef(n) for n in accs]
+    values = [ValueRef(n) for n in dict.fromkeys(name for name, _ in where.values())]
     batches = list(batches) if not isinstance(batches, Sequence) else batches
     if len(batches) == 0:
         msg = "calibration data is empty: at least one batch is needed"
@@ -314,8 +326,10 @@ def calibrate(
     stream = view.observe_stream(values, batches)
     try:
         for i, (batch, observed) in enumerate(zip(bar, stream, strict=True)):
-            for name, acc in accs.items():
-                acc.update(as_rows(observed[name], batch), f"batch {i}, ")
+            for key, acc in accs.items():
+                name, axis = where[key]
+                value = observed[name] if axis == -1 else observed[name].movedim(axis, -1)
+                acc.update(as_rows(value, batch if axis == -1 else None), f"batch {i}, ")
     finally:
         stream.close()  # adapters remove their probes here
     out = Stats()

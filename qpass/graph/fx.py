@@ -328,7 +328,7 @@ class FxGraphView(GraphView):
         else:  # aten.linear(x, W) -> aten.linear(x, W, b)
             with graph.inserting_before(node):
                 attr = graph.get_attr(name)
-            node.args = (*node.args[:2], attr)
+            node.args = (*node.args[:2], attr, *node.args[3:])  # conv: stride, padding, ... stay
         self.dirty = True
         self.invalidate()
         return ConstRef(name, (ref.out_features,))

@@ -301,6 +301,11 @@ class OnnxGraphView(GraphView):
         out = node.outputs[0]
         dtype = self._values[ref.const.name].const_value.numpy().dtype
         b = self.add_initializer(f"{op.name}_bias", np.zeros(ref.out_features, dtype=dtype))
+        if op.kind is OpKind.CONV:  # Conv(x, W) -> Conv(x, W, B): the bias is its third input
+            node.resize_inputs(3)
+            node.replace_input_with(2, b)
+            self.invalidate()
+            return self._const(b)
         add = ir.node("Add", [out, b], name=self.fresh_name(f"{op.name}_bias_add"))
         new_out = add.outputs[0]
         new_out.name, new_out.shape, new_out.type = self.fresh_name(f"{out.name}_biased"), out.shape, out.type
