@@ -47,6 +47,16 @@ class StatRequest:
 
     value: ValueRef
     kinds: frozenset[StatKind] = frozenset({StatKind.RANGE})
+    channel_axis: int = -1  # a conv input's channels are axis 1 (NCHW); kept under `stat_key`
+
+    @property
+    def key(self) -> str:
+        return stat_key(self.value, self.channel_axis)
+
+
+def stat_key(value: ValueRef, channel_axis: int = -1) -> str:
+    """Where `Stats` keeps a value's statistics: its name, plus '#axis<k>' for a channel axis not last."""
+    return value.name if channel_axis == -1 else f"{value.name}#axis{channel_axis}"
 
 
 @dataclass
@@ -296,30 +306,43 @@ class StatsCollector:
 
     def __init__(self, requests: Sequence[StatRequest], *, max_samples: int = 512, seed: int = 0) -> None:
         merged: dict[str, frozenset[StatKind]] = {}
+        self._where: dict[str, tuple[str, int]] = {}  # stat key -> (value name, channel axis)
         for r in requests:
-            merged[r.value.name] = merged.get(r.value.name, frozenset()) | r.kinds
+            merged[r.key] = merged.get(r.key, frozenset()) | r.kinds
+            self._where[r.key] = (r.value.name, r.channel_axis)
         self._accs = {
-            name: _Accumulator(name, kinds, max_samples, seed + i)
-            for i, (name, kinds) in enumerate(merged.items())
+            key: _Accumulator(key, kinds, max_samples, seed + i) for i, (key, kinds) in enumerate(merged.items())
         }
 
     @property
     def names(self) -> list[str]:
-        return list(self._accs)
+        """The values to observe (a value may carry several keys: one per channel axis)."""
+        return list(dict.fromkeys(name for name, _ in self._where.values()))
 
     def update(self, name: str, value: torch.Tensor, batch: Any = None, where: str = "") -> None:
-        """Add one batch's `value` (masked rows dropped: `as_rows`)."""
-        self._accs[name].update(as_rows(value, batch), where)
+        """Add one batch's `value` to each statistic kept on it (masked rows dropped: `as_rows`;
+        a channel axis other than the last is moved last, and the mask then no longer applies).
+        """
+        for key, (vname, axis) in self._where.items():
+            if vname != name:
+                continue
+            if axis == -1:
+                self._accs[key].update(as_rows(value, batch), where)
+            else:
+                self._accs[key].update(as_rows(value.movedim(axis, -1)), where)
 
     def finish(self, names: Iterable[str] | None = None) -> Stats:
-        """The statistics of `names` (all values by default); each must have seen rows."""
+        """The statistics of the values `names` (all by default); each must have seen rows."""
+        wanted = None if names is None else set(names)
         out = Stats()
-        for name in self._accs if names is None else names:
-            st = self._accs[name].finish()
+        for key, (vname, _) in self._where.items():
+            if wanted is not None and vname not in wanted:
+                continue
+            st = self._accs[key].finish()
             if st is None:
-                msg = f"calibration saw no rows for '{name}' (all masked out?)"
+                msg = f"calibration saw no rows for '{key}' (all masked out?)"
                 raise CalibrationError(msg)
-            out.values[name] = st
+            out.values[key] = st
         return out
 
 

@@ -27,8 +27,10 @@ from qpass.lowering.torch_lower import (
 from qpass.lowering.torch_save import export_program, read_program, register_qpass_ops
 from qpass.pass_base import QPass
 from qpass.passes.awq import AWQ, AWQConfig
+from qpass.passes.bias_correction import BiasCorrection, BiasCorrectionConfig
 from qpass.passes.decompose import Int8Decompose, Int8DecomposeConfig
 from qpass.passes.disassemble import Disassemble, DisassembleConfig
+from qpass.passes.equalize import CrossLayerEqualization, EqualizeConfig
 from qpass.passes.norm_fusion import FuseNorms, FuseNormsConfig
 from qpass.passes.reorder import Reorder, ReorderConfig
 from qpass.passes.rotate import Rotate, RotateConfig
@@ -70,6 +72,8 @@ PASSES: dict[str, tuple[type, type[QPass]]] = {
     "split_quant": (SplitQuantConfig, SplitQuant),
     "int8_decompose": (Int8DecomposeConfig, Int8Decompose),
     "disassemble": (DisassembleConfig, Disassemble),
+    "equalize": (EqualizeConfig, CrossLayerEqualization),
+    "bias_correction": (BiasCorrectionConfig, BiasCorrection),
 }
 
 

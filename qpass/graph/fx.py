@@ -216,6 +216,20 @@ class FxGraphView(GraphView):
             n for n in self.gm.graph.nodes if n.op == "get_attr" and _attr(self.gm, str(n.target)) is target
         ]
 
+    def clip_bounds(self, op: OpRef) -> tuple[float, float] | None:
+        node, inf = self.node(op), float("inf")
+        if op.op_type == "relu":
+            return 0.0, inf
+        defaults = {"hardtanh": (-1.0, 1.0), "clamp": (None, None), "relu6": (0.0, 6.0)}.get(op.op_type)
+        if defaults is None:
+            return None
+        given = list(node.args[1:3]) + [None] * 2
+        lo = node.kwargs.get("min", node.kwargs.get("min_val", given[0] if len(node.args) > 1 else defaults[0]))
+        hi = node.kwargs.get("max", node.kwargs.get("max_val", given[1] if len(node.args) > 2 else defaults[1]))
+        if not all(b is None or isinstance(b, (int, float)) for b in (lo, hi)):
+            return None  # tensor bounds
+        return (-inf if lo is None else float(lo)), (inf if hi is None else float(hi))
+
     def const_users(self, const: ConstRef) -> int:
         return sum(len(n.users) for n in self._same_tensor_nodes(const))
 
@@ -314,7 +328,7 @@ class FxGraphView(GraphView):
         else:  # aten.linear(x, W) -> aten.linear(x, W, b)
             with graph.inserting_before(node):
                 attr = graph.get_attr(name)
-            node.args = (*node.args[:2], attr)
+            node.args = (*node.args[:2], attr, *node.args[3:])  # conv: stride, padding, ... stay
         self.dirty = True
         self.invalidate()
         return ConstRef(name, (ref.out_features,))

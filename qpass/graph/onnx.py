@@ -207,6 +207,21 @@ class OnnxGraphView(GraphView):
             self._const(beta) if self._is_const(beta) else None,
         )
 
+    def clip_bounds(self, op: OpRef) -> tuple[float, float] | None:
+        if op.op_type == "Relu":
+            return 0.0, float("inf")
+        if op.op_type != "Clip":
+            return None
+        node, bounds = self.node(op), [float("-inf"), float("inf")]
+        for i in (1, 2):
+            value = node.inputs[i] if len(node.inputs) > i else None
+            if value is None:
+                continue
+            if not self._is_const(value) or value.const_value.numpy().size != 1:
+                return None
+            bounds[i - 1] = float(value.const_value.numpy().reshape(()))
+        return bounds[0], bounds[1]
+
     def const_users(self, const: ConstRef) -> int:
         return len(self._values[const.name].uses())
 
@@ -286,6 +301,11 @@ class OnnxGraphView(GraphView):
         out = node.outputs[0]
         dtype = self._values[ref.const.name].const_value.numpy().dtype
         b = self.add_initializer(f"{op.name}_bias", np.zeros(ref.out_features, dtype=dtype))
+        if op.kind is OpKind.CONV:  # Conv(x, W) -> Conv(x, W, B): the bias is its third input
+            node.resize_inputs(3)
+            node.replace_input_with(2, b)
+            self.invalidate()
+            return self._const(b)
         add = ir.node("Add", [out, b], name=self.fresh_name(f"{op.name}_bias_add"))
         new_out = add.outputs[0]
         new_out.name, new_out.shape, new_out.type = self.fresh_name(f"{out.name}_biased"), out.shape, out.type

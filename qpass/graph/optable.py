@@ -22,8 +22,8 @@ _TABLE: list[tuple[OpKind, tuple[str, ...], tuple[str, ...]]] = [
     (OpKind.ATTENTION, ("scaled_dot_product_attention",), ("Attention",)),
     (
         OpKind.ACTIVATION,
-        ("gelu", "silu", "relu", "tanh", "sigmoid", "erf", "hardtanh", "elu", "leaky_relu"),
-        ("Gelu", "FastGelu", "Relu", "Tanh", "Sigmoid", "Erf", "Elu", "LeakyRelu", "HardSigmoid"),
+        ("gelu", "silu", "relu", "tanh", "sigmoid", "erf", "hardtanh", "elu", "leaky_relu", "clamp", "relu6"),
+        ("Gelu", "FastGelu", "Relu", "Tanh", "Sigmoid", "Erf", "Elu", "LeakyRelu", "HardSigmoid", "Clip"),
     ),
     (OpKind.SOFTMAX, ("softmax", "_softmax", "_safe_softmax"), ("Softmax",)),
     (

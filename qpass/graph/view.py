@@ -81,6 +81,14 @@ class GraphView(abc.ABC):
     def norm_params(self, op: OpRef) -> NormParams | None:
         """Gamma/beta of a LAYER_NORM/RMS_NORM op (normalised over the last axis only)."""
 
+    def clip_bounds(self, op: OpRef) -> tuple[float, float] | None:
+        """(lo, hi) of a ReLU / ReLU6 / Clip / hardtanh / clamp with constant scalar bounds, else None.
+
+        Quantization reads it (a clamp right after a conv narrows the conv's output range exactly)
+        and so does equalization (ReLU commutes with positive scales, a bounded clip does not).
+        """
+        return None
+
     @abc.abstractmethod
     def const_users(self, const: ConstRef) -> int:
         """How many ops read this constant (a shared constant cannot be rescaled for one of them)."""

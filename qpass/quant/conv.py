@@ -7,8 +7,10 @@ channel, or in groups along that flattened reduction axis. Lowering reshapes the
 Activations: W8A8 static takes the calibrated per-tensor range of the conv input, and also
 quantizes the conv output (per tensor, calibrated): ONNX Runtime fuses DequantizeLinear -> Conv ->
 QuantizeLinear into QLinearConv only when the output is quantized, so the torch form does the
-same arithmetic. A Conv whose only reader is a Relu takes an output range starting at 0 (codes
-clamp at zero, so Q(relu(y)) = Q(y)). Dynamic activations are per tensor for a conv (it has no
+same arithmetic. A Conv whose only reader is a clamp with constant bounds (Relu, ReLU6 / Clip,
+hardtanh) takes its calibrated output range cut to those bounds: the codes clamp there anyway, so
+Q(clip(y)) = Q(y), and no resolution goes to values the clamp throws away (EfficientNet-Lite's
+pre-ReLU6 outputs reach -40, its post-ReLU6 ones stop at 6). Dynamic activations are per tensor for a conv (it has no
 token axis): absmax over the whole input at run time.
 """
 
@@ -22,8 +24,6 @@ from qpass.graph.refs import OpKind, OpRef, ValueRef, WeightRef
 from qpass.graph.view import GraphView
 from qpass.qconfig import ActGranularity, ActivationQuantConfig, WeightQuantConfig, is_block_format
 from qpass.quant.qlinear import QLinear, act_qparams
-
-_RELU = ("Relu", "relu")
 
 
 def conv_act_config(acfg: ActivationQuantConfig | None) -> ActivationQuantConfig | None:
@@ -85,14 +85,24 @@ def plan_conv(
     if quantizes_output(view, op, cfg):
         out = view.op_output(op)
         st = stats[out]
-        lo = 0.0 if _only_relu(view, out) else st.tensor_min
-        q.out_qparams = act_qparams(lo, st.tensor_max, cfg)
+        q.out_qparams = act_qparams(st.tensor_min, st.tensor_max, cfg)
+        bounds = _clamp_reader(view, out)
+        if bounds is not None:
+            lo, hi = max(st.tensor_min, bounds[0]), min(st.tensor_max, bounds[1])
+            narrowed = act_qparams(lo, hi, cfg)
+            grid = ((narrowed.qmin - narrowed.zero_point) * narrowed.scale,
+                    (narrowed.qmax - narrowed.zero_point) * narrowed.scale)
+            if grid[0] >= bounds[0] - 1e-6 and grid[1] <= bounds[1] + 1e-6:  # else Q(clip(y)) != Q(y)
+                q.out_qparams = narrowed
     return q
 
 
-def _only_relu(view: GraphView, value: ValueRef) -> bool:
+def _clamp_reader(view: GraphView, value: ValueRef) -> tuple[float, float] | None:
+    """The (lo, hi) of the clamp that is `value`'s only reader, or None."""
     readers = view.consumers(value)
-    return len(readers) == 1 and readers[0].kind is OpKind.ACTIVATION and readers[0].op_type in _RELU
+    if len(readers) != 1 or readers[0].kind is not OpKind.ACTIVATION:
+        return None
+    return view.clip_bounds(readers[0])
 
 
 def describe_conv(q: QLinear, layer: str) -> str:
