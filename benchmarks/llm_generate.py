@@ -24,6 +24,7 @@ invocation (`--peers-only`: only that part).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import subprocess
 import sys
@@ -104,9 +105,14 @@ def write_peer_inputs(name: str, model, tok, data: Path) -> Path:
     folder = data / name
     fp32 = folder / "fp32"
     if not (fp32 / "config.json").is_file():
-        fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        config = copy.deepcopy(model.config)
+        config.use_cache = True
+        if hasattr(
+            config, "quantization_config"
+        ):  # the GGUF loader's {"quant_method": "gguf"}: the copy is FP32
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         fresh.load_state_dict(model.state_dict())
-        fresh.config.use_cache = True
         fresh.save_pretrained(fp32)
         tok.save_pretrained(fp32)
         del fresh
@@ -129,7 +135,13 @@ def run_peers(name: str, model, tok, data: Path, python: str) -> int:
     return subprocess.run(cmd, env=env, check=False).returncode
 
 
-def main(name: str, peers: str = "no", data: Path = Path(PEERS_DATA), python: str = PEERS_PYTHON) -> None:
+def main(
+    name: str,
+    peers: str = "no",
+    data: Path = Path(PEERS_DATA),
+    python: str = PEERS_PYTHON,
+    recipes: list[str] | None = None,
+) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model, tok = load(name)
@@ -140,7 +152,7 @@ def main(name: str, peers: str = "no", data: Path = Path(PEERS_DATA), python: st
     calib = zoo.text_corpus("calib")
     rows = []
     fp_ppl = None
-    for recipe in ["fp32", *RECIPES]:
+    for recipe in ["fp32", *(RECIPES if recipes is None else [r for r in recipes if r != "fp32"])]:
         t = time.perf_counter()
         if recipe == "fp32":
             q, qtime = model, 0.0
@@ -185,7 +197,11 @@ def main(name: str, peers: str = "no", data: Path = Path(PEERS_DATA), python: st
         *rows,
     ]
     OUT.mkdir(exist_ok=True)
-    (OUT / f"llm_generate_{name}.md").write_text("\n".join(lines) + "\n")
+    # a subset of the rows (--recipes) does not replace the full table
+    stem = f"llm_generate_{name}" + ("" if recipes is None else "_subset")
+    if recipes is not None:
+        lines[0] += f" --recipes {','.join(recipes)}"
+    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
     if peers == "yes":
         sys.exit(run_peers(name, model, tok, data, python))
 
@@ -199,5 +215,9 @@ if __name__ == "__main__":
         "--peers-data", type=Path, default=Path(PEERS_DATA), help="the peers' inputs (not committed)"
     )
     ap.add_argument("--peers-python", default=PEERS_PYTHON, help="the peers' venv python")
+    ap.add_argument("--recipes", help=f"comma-separated subset of {RECIPES} (written to *_subset.md)")
     a = ap.parse_args()
-    main(a.model, "only" if a.peers_only else "yes" if a.peers else "no", a.peers_data, a.peers_python)
+    subset = a.recipes.split(",") if a.recipes else None
+    main(
+        a.model, "only" if a.peers_only else "yes" if a.peers else "no", a.peers_data, a.peers_python, subset
+    )

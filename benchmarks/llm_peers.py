@@ -130,18 +130,31 @@ def llmc(data: Path, name: str, kind: str, calib: torch.Tensor, notes: list[str]
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = load_fp32(data)
     tok = AutoTokenizer.from_pretrained(data / "fp32")
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    recipe, cfg = _llmc_recipe(kind, GROUP[name])
-    oneshot(
-        model=model,
-        dataset=ds,
-        recipe=recipe,
-        max_seq_length=CALIB_LEN,
-        num_calibration_samples=len(calib),
-        shuffle_calibration_samples=False,
-    )
+
+    def run(group: int):
+        model = load_fp32(data)
+        recipe, cfg = _llmc_recipe(kind, group)
+        oneshot(
+            model=model,
+            dataset=ds,
+            recipe=recipe,
+            max_seq_length=CALIB_LEN,
+            num_calibration_samples=len(calib),
+            shuffle_calibration_samples=False,
+        )
+        return model, cfg
+
+    if kind == "w4a16" and GROUP[name] != 128:
+        try:  # llm-compressor's W4A16 preset group, recorded where the widths refuse it
+            model, cfg = run(128)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"llm-compressor W4A16 at group 128: {_one_line(e)}; group {GROUP[name]} used")
+            gc.collect()
+            model, cfg = run(GROUP[name])
+    else:
+        model, cfg = run(GROUP[name])
     out = data / f"llmc-{kind}"
     model.save_pretrained(out, save_compressed=True)
     tok.save_pretrained(out)
