@@ -239,7 +239,7 @@ def main() -> None:
         notes += rnotes
         results.append(res)
         print(f"{name} {json.dumps(res)}", flush=True)
-    write(name, versions, results, notes)
+        write(name, versions, results, notes)  # after every row: a run stopped early keeps its rows
 
 
 def write(name: str, versions: dict, results: list[dict], notes: list[str]) -> None:
