@@ -43,7 +43,8 @@ OUT = Path(__file__).resolve().parent / "results"
 # weight group per model: SmolLM2's hidden width 576 = 4.5 x 128 (llm-compressor raises in unflatten at
 # 128; torchao silently skips every linear whose width 128 does not divide), so 64 there
 GROUP = {"smollm2": 64, "qwen25": 128}
-ROWS = ["fp32", "torchao-int8-dynamic", "torchao-int4-weight-only", "llmc-w4a16-gptq", "llmc-w8a8"]
+# torchao int4 last: its CPU prefill is the slowest
+ROWS = ["fp32", "torchao-int8-dynamic", "llmc-w4a16-gptq", "llmc-w8a8", "torchao-int4-weight-only"]
 
 
 def load_fp32(data: Path):
