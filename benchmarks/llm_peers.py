@@ -192,6 +192,12 @@ def _one_line(e: BaseException) -> str:
 
 
 def _peak_rss_gb() -> float:
+    """Peak RSS of this process: VmHWM (ru_maxrss survives exec on Linux and would report the
+    peak of llm_generate.py, the parent, when it runs this script).
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
