@@ -13,21 +13,42 @@ result is the same transformers class, quantized in its modules, decoding on its
 Batch 1, 2 threads. Usage::
 
     .venv/bin/python -P benchmarks/llm_generate.py smollm2      # or qwen25
-Results go to benchmarks/results/llm_generate_<model>.md, with the machine load beside them.
+    .venv/bin/python -P benchmarks/llm_generate.py smollm2 --peers   # then torchao / llm-compressor
+Results go to benchmarks/results/llm_generate_<model>.md, with the machine load beside them. The
+measurements themselves live in `lm_measure.py`, shared with `llm_peers.py`: `--peers` writes the
+FP32 model as a transformers folder and the exact token rows under `--peers-data`, then runs
+`llm_peers.py` in the peers' venv (`benchmarks/peers_install.sh`; it never imports qpass) in the same
+invocation (`--peers-only`: only that part).
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import os
-import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-import qpass
-from qpass import zoo
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_measure import (  # noqa: E402  (the shared measurements, also run by llm_peers.py)
+    CALIB_LEN,
+    CALIB_ROWS,
+    EVAL_LEN,
+    EVAL_ROWS,
+    NEW_TOKENS,
+    PROMPT_TOKENS,
+    TABLE_HEADER,
+    load_text,
+    measure,
+    table_row,
+)
+
+import qpass  # noqa: E402
+from qpass import zoo  # noqa: E402
 
 RECIPES = [
     "w8a8-dynamic",
@@ -41,11 +62,9 @@ RECIPES = [
     "w8a8-smooth-dynamic+kv4",
 ]
 KV = {"kv8": {"format": "int8"}, "kv4": {"format": "int4", "rotate": "hadamard"}}
-
-
-PROMPT_TOKENS, NEW_TOKENS, EVAL_ROWS, EVAL_LEN = 128, 128, 8, 256
-CALIB_ROWS, CALIB_LEN = 32, 256
 OUT = Path(__file__).resolve().parent / "results"
+PEERS_PYTHON = "/work/peers-venv/bin/python"  # benchmarks/peers_install.sh
+PEERS_DATA = "/work/peers-data"
 
 
 def recipe_for(name: str):
@@ -64,31 +83,6 @@ def recipe_for(name: str):
     return data
 
 
-def ppl_through_cache(model, rows: torch.Tensor, chunk: int = 16) -> float:
-    """Teacher-forced perplexity fed `chunk` tokens at a time through the model's own cache (its
-    recipe's quantized cache where it has one): later chunks read the quantized past.
-    """
-    import math
-
-    import torch.nn.functional as F
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            x = row[None]
-            cache = _cache(model)
-            logits = torch.cat(
-                [
-                    model(input_ids=x[:, i : i + chunk], past_key_values=cache, use_cache=True).logits
-                    for i in range(0, x.shape[1], chunk)
-                ],
-                dim=1,
-            )
-            total += float(F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum").double())
-            count += x.shape[1] - 1
-    return math.exp(total / count)
-
-
 def load(name: str):
     # the cached instance (read-only here): qpass.quantize quantizes its own copy
     model, tok = (
@@ -98,59 +92,67 @@ def load(name: str):
     return model, tok
 
 
-def prefill_ms(model, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=True)
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            model(input_ids=ids, use_cache=True)
-            times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+def write_peer_inputs(name: str, model, tok, data: Path) -> Path:
+    """What `llm_peers.py` (another venv, no qpass) reads: the FP32 model as a transformers folder
+    (`save_pretrained` refuses GGUF-loaded models: the state dict goes into a model built from the
+    config; written once, reused when present) and the exact token rows this run uses.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from qpass.lm_inputs import token_rows
+
+    folder = data / name
+    fp32 = folder / "fp32"
+    if not (fp32 / "config.json").is_file():
+        config = copy.deepcopy(model.config)
+        config.use_cache = True
+        if hasattr(
+            config, "quantization_config"
+        ):  # the GGUF loader's {"quant_method": "gguf"}: the copy is FP32
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(model.state_dict())
+        fresh.save_pretrained(fp32)
+        tok.save_pretrained(fp32)
+        del fresh
+    calib = torch.cat(token_rows(zoo.text_corpus("calib"), tok, CALIB_LEN, CALIB_ROWS))  # what quantize sees
+    tensors = {
+        "eval_rows": zoo.packed_token_rows(tok, "eval", EVAL_LEN, n_rows=EVAL_ROWS),
+        "prompt": zoo.packed_token_rows(tok, "eval", PROMPT_TOKENS, n_rows=1),
+        "calib_rows": calib,
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "tokens.safetensors"))
+    return folder
 
 
-def _cache(model):
-    """The cache generate() would use: the recipe's quantized cache where it has one."""
-    from transformers import DynamicCache
-
-    from qpass.lm_kv_cache import QuantizedKVCache
-
-    kv = getattr(model, "qpass_kv_cache", None)
-    return QuantizedKVCache(model.config, kv) if kv is not None else DynamicCache(config=model.config)
-
-
-def decode_steps(model, ids: torch.Tensor) -> list[float]:
-    """Seconds of each of NEW_TOKENS greedy steps on the model's own cache."""
-    from transformers import DynamicCache
-
-    steps = []
-    with torch.no_grad():
-        warm = model(input_ids=ids[:, :16], past_key_values=DynamicCache(config=model.config), use_cache=True)
-        for _ in range(8):  # kernels pick their path on first use (the CPU int8 GEMM measures once)
-            warm = model(
-                input_ids=warm.logits[:, -1:].argmax(-1), past_key_values=warm.past_key_values, use_cache=True
-            )
-        cache = _cache(model)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(NEW_TOKENS):
-            t = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
-            steps.append(time.perf_counter() - t)
-    return steps
+def run_peers(name: str, model, tok, data: Path, python: str) -> int:
+    """llm_peers.py in the peers' venv, on the inputs written here; its own results files."""
+    write_peer_inputs(name, model, tok, data)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    cmd = [python, str(Path(__file__).resolve().parent / "llm_peers.py"), name, "--data", str(data)]
+    print("peers:", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, env=env, check=False).returncode
 
 
-def main(name: str) -> None:
+def main(
+    name: str,
+    peers: str = "no",
+    data: Path = Path(PEERS_DATA),
+    python: str = PEERS_PYTHON,
+    recipes: list[str] | None = None,
+) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model, tok = load(name)
+    if peers == "only":
+        sys.exit(run_peers(name, model, tok, data, python))
     eval_rows = zoo.packed_token_rows(tok, "eval", EVAL_LEN, n_rows=EVAL_ROWS)
     prompt = zoo.packed_token_rows(tok, "eval", PROMPT_TOKENS, n_rows=1)
     calib = zoo.text_corpus("calib")
     rows = []
     fp_ppl = None
-    for recipe in ["fp32", *RECIPES]:
+    for recipe in ["fp32", *(RECIPES if recipes is None else [r for r in recipes if r != "fp32"])]:
         t = time.perf_counter()
         if recipe == "fp32":
             q, qtime = model, 0.0
@@ -164,37 +166,58 @@ def main(name: str) -> None:
                 max_rows=CALIB_ROWS,
             )
             qtime = time.perf_counter() - t
-        ppl = ppl_through_cache(q, eval_rows)
-        fp_ppl = fp_ppl or ppl
-        pre = prefill_ms(q, prompt)
-        steps = decode_steps(q, prompt)
-        growth = statistics.mean(steps[99:128]) / statistics.mean(steps[:28])
-        rows.append((recipe, qtime, ppl, 100 * (ppl / fp_ppl - 1), pre, NEW_TOKENS / sum(steps), growth))
-        print(
-            f"{name} {recipe}: ppl {ppl:.3f} prefill {pre:.0f} ms decode {rows[-1][5]:.1f} tok/s growth {growth:.2f}"
+        m = measure(q, eval_rows, prompt)
+        fp_ppl = fp_ppl or m["perplexity"]
+        rows.append(
+            table_row(
+                recipe, qtime, m["perplexity"], fp_ppl, m["prefill_ms"], m["decode_tok_s"], m["decode_growth"]
+            )
         )
+        print(f"{name} {rows[-1]} load {load_text()}", flush=True)
         del q
-    load_avg = os.getloadavg()
     lines = [
         f"# `benchmarks/llm_generate.py {name}`",
         "",
         f"Machine: {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}, 2 threads, batch 1; "
-        f"load average after the run {load_avg[0]:.2f} / {load_avg[1]:.2f} / {load_avg[2]:.2f}.",
+        f"load average after the run {load_text()}.",
         f"Calibration: {CALIB_ROWS} packed rows x {CALIB_LEN} tokens of the 'calib' split; perplexity over "
         f"{EVAL_ROWS} x {EVAL_LEN} held-out tokens ('eval' split, disjoint). Prefill: {PROMPT_TOKENS} tokens. "
         f"Decode: {NEW_TOKENS} greedy steps on the model's cache (the quantized one for KV rows); "
         "growth = mean step 100-128 / mean step 1-28.",
+        *(
+            [
+                f"Peers (torchao, llm-compressor) measured right after these rows by the same invocation: "
+                f"`llm_peers_{name}.md`."
+            ]
+            if peers == "yes"
+            else []
+        ),
         "",
-        "| recipe | quantize s | perplexity | vs FP32 | prefill ms | decode tok/s | decode growth |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        *TABLE_HEADER,
+        *rows,
     ]
-    for recipe, qtime, ppl, rel, pre, tps, growth in rows:
-        lines.append(
-            f"| {recipe} | {qtime:.0f} | {ppl:.3f} | {rel:+.1f}% | {pre:.0f} | {tps:.1f} | {growth:.2f} |"
-        )
     OUT.mkdir(exist_ok=True)
-    (OUT / f"llm_generate_{name}.md").write_text("\n".join(lines) + "\n")
+    # a subset of the rows (--recipes) does not replace the full table
+    stem = f"llm_generate_{name}" + ("" if recipes is None else "_subset")
+    if recipes is not None:
+        lines[0] += f" --recipes {','.join(recipes)}"
+    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    if peers == "yes":
+        sys.exit(run_peers(name, model, tok, data, python))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "smollm2")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", nargs="?", default="smollm2", choices=["smollm2", "qwen25"])
+    ap.add_argument("--peers", action="store_true", help="then run llm_peers.py in the peers' venv")
+    ap.add_argument("--peers-only", action="store_true", help="only write the peers' inputs and run them")
+    ap.add_argument(
+        "--peers-data", type=Path, default=Path(PEERS_DATA), help="the peers' inputs (not committed)"
+    )
+    ap.add_argument("--peers-python", default=PEERS_PYTHON, help="the peers' venv python")
+    ap.add_argument("--recipes", help=f"comma-separated subset of {RECIPES} (written to *_subset.md)")
+    a = ap.parse_args()
+    subset = a.recipes.split(",") if a.recipes else None
+    main(
+        a.model, "only" if a.peers_only else "yes" if a.peers else "no", a.peers_data, a.peers_python, subset
+    )
