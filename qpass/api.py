@@ -101,6 +101,7 @@ def quantize_with_report(
     if plan is not None:
         lower(view, plan, recipe.lowering)
     if isinstance(view, OnnxGraphView):
+        view.forget_inferred_shapes()
         finalize_onnx(view.model, recipe.lowering)
         out: Any = view.to_proto() if as_proto else view.model
     else:

@@ -18,6 +18,7 @@ import torch
 from qpass.errors import PassError
 from qpass.graph.edits import ExpandChannels, InsertRotation, SplitOp
 from qpass.graph.onnx_run import is_lazy, ort_session, run_session
+from qpass.graph.onnx_shapes import infer_missing_shapes
 from qpass.graph.optable import onnx_kind
 from qpass.graph.refs import ALL_KINDS, ConstRef, NormParams, OpKind, OpRef, ValueRef, WeightRef
 from qpass.graph.view import GraphView
@@ -52,6 +53,7 @@ class OnnxGraphView(GraphView):
         self.graph = model.graph
         _lift_constants(self.graph)
         self._name_everything()
+        self.inferred = infer_missing_shapes(model)  # shapes the file lacks (`forget_inferred_shapes`)
         self._session_cache: dict[tuple[str, ...], Any] = {}
         self.lowered_inputs: dict[str, ir.Value] = {}  # activation -> its shared Q/DQ output
         self.invalidate()
@@ -240,6 +242,10 @@ class OnnxGraphView(GraphView):
             raise ValueError(msg)
         v.const_value = ir.tensor(value.detach().cpu().numpy().astype(old.dtype), name=v.name)
         self._session_cache = {}
+
+    def forget_inferred_shapes(self) -> None:
+        """Before the model leaves qpass: back to the file's own value shapes (inferred ones are unchecked)."""
+        self.inferred.forget(self.graph)
 
     # ------------------------------------------------------------------ execution
     def to_proto(self) -> onnx.ModelProto:

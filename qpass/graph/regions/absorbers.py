@@ -112,7 +112,7 @@ def find_absorber(view: GraphView, value: ValueRef, channels: int) -> Absorber |
                 # x * y: scaling one factor scales the product; take the first branch that can absorb
                 reasons = []
                 for branch in acts:
-                    if len(view.consumers(branch)) != 1:
+                    if _readers(view, branch) != 1:
                         reasons.append(f"'{branch.name}' has other consumers")
                         continue
                     sub = find_absorber(view, branch, channels)
@@ -139,7 +139,7 @@ def find_absorber(view: GraphView, value: ValueRef, channels: int) -> Absorber |
             return _checked(view, found)
         else:
             return f"producer {op.op_type} '{op.name}' is not per-channel affine"
-        if len(view.consumers(current)) != 1 or view.is_graph_output(current):
+        if _readers(view, current) != 1 or view.is_graph_output(current):
             return f"intermediate '{current.name}' feeds other ops"
     return _checked(view, Absorber(tuple(targets), " <- ".join(path), rotatable=linear_only))
 
@@ -169,7 +169,7 @@ def _through_attention(view: GraphView, value: ValueRef, channels: int) -> Absor
             break
         else:
             return f"producer {op.op_type} '{op.name}' is not per-channel affine"
-        if len(view.consumers(current)) != 1 or view.is_graph_output(current):
+        if _readers(view, current) != 1 or view.is_graph_output(current):
             return f"intermediate '{current.name}' feeds other ops"
         width = last_dim(view, current)
         if width is None:
@@ -191,6 +191,13 @@ def _through_attention(view: GraphView, value: ValueRef, channels: int) -> Absor
     if isinstance(inner, str):
         return inner
     return Absorber(inner.targets, " <- ".join([*path, inner.path]), period=head, rotatable=inner.rotatable)
+
+
+def _readers(view: GraphView, value: ValueRef) -> int:
+    """Ops that read `value`'s entries: a Shape/Size reader (the legacy exporter's `x.size()`) only
+    sees the shape, which a per-channel factor, permutation or rotation leaves as it is.
+    """
+    return sum(1 for c in view.consumers(value) if c.kind is not OpKind.SHAPE_OF)
 
 
 def _checked(view: GraphView, absorber: Absorber | str) -> Absorber | str:
