@@ -222,6 +222,11 @@ def onnx_batches(
 def _check_array(arr: np.ndarray, value: ir.Value, origin: str, batched: bool) -> np.ndarray:
     name = value.name
     want = _NP_OF_IR.get(value.dtype) if value.dtype is not None else None
+    if value.dtype == ir.DataType.STRING:  # text inputs (tokenizer ops, label encoders): data as is
+        if arr.dtype == object or arr.dtype.kind in "US":
+            return arr.astype(object)
+        msg = f"{origin}: input '{name}' has dtype {arr.dtype}, the model expects strings"
+        raise CalibrationError(msg)
     if arr.dtype == object or arr.dtype.kind in "USV":
         msg = f"{origin}: input '{name}' has dtype {arr.dtype}, expected a numeric array"
         raise CalibrationError(msg)

@@ -5,7 +5,9 @@ inputs as the one explicit feed; every case must come back with unchanged output
 clean one-line `UnsupportedOpError` naming the op. A refusal of the data is a qpass bug.
 
 Cases onnxruntime cannot run, and cases whose inputs or outputs are not tensors (sequences,
-optionals: not calibration data), are left out before qpass sees them, and counted.
+optionals: not calibration data), are left out before qpass sees them, and counted. Cases whose
+inputs hold NaN (IsNaN, fmod edge cases) meet qpass's one data policy, NaN is refused: each must be
+refused naming the input and the index of its first NaN.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def corpus():
 
         cases = collect_testcases(None)
     counts = collections.Counter(total=len(cases))
-    runnable = []
+    runnable, nan_cases = [], []
     for case in sorted(cases, key=lambda c: c.name):
         if case.kind != "node" or case.model is None or not case.data_sets:
             counts["no model or data"] += 1
@@ -72,9 +74,13 @@ def corpus():
         if ref is None:
             counts["onnxruntime cannot run"] += 1
             continue
+        if any(a.dtype.kind == "f" and np.isnan(a).any() for a in feed.values()):
+            counts["inputs hold NaN (refused by policy)"] += 1
+            nan_cases.append((case.name, model, feed))
+            continue
         runnable.append((case.name, model, feed, ref))
     counts["ran"] = len(runnable)
-    return runnable, counts
+    return runnable, counts, nan_cases
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -109,7 +115,7 @@ def _outcome(name, model, feed, ref):
 
 
 def test_corpus_runs_unchanged_or_refused_by_op(corpus):
-    runnable, counts = corpus
+    runnable, counts, _ = corpus
     start = time.perf_counter()
     outcomes = {name: _outcome(name, m, f, r) for name, m, f, r in runnable}
     failures = sorted(o for o in outcomes.values() if o != "unchanged" and not o.startswith("refused: "))
@@ -121,3 +127,12 @@ def test_corpus_runs_unchanged_or_refused_by_op(corpus):
     )
     assert counts["ran"] >= MIN_CASES, counts
     assert not failures, f"{len(failures)} cases failed:\n" + "\n".join(failures)
+
+
+def test_corpus_cases_holding_nan_are_refused_naming_the_input(corpus):
+    _, _, nan_cases = corpus
+    assert nan_cases
+    for name, model, feed in nan_cases:
+        with pytest.raises(qpass.errors.CalibrationError, match=r"input '\w+' contains NaN \(first at index") as info:
+            qpass.quantize(model, RECIPE, qpass.Feeds([feed]))
+        assert "\n" not in str(info.value), name

@@ -29,13 +29,13 @@ def _lift_constants(graph: ir.Graph) -> None:
     for node in list(graph):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
             out = node.outputs[0]
+            if out.is_graph_output():  # a graph output stays the Constant's own: nothing to rescale
+                continue
             tensor = node.attributes["value"].as_tensor()
             init = ir.Value(name=out.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
             init.const_value = tensor
             graph.register_initializer(init)
             out.replace_all_uses_with(init)
-            if out.is_graph_output():
-                continue
             graph.remove(node, safe=True)
 
 
