@@ -122,6 +122,3 @@ def test_qwen25_smooth_w8a8_generates_and_tracks_fp32(qwen25):
     out = q.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
     assert torch.equal(out, fp), tok.decode(out)
 
-
-def test_qwen25_compile_first_generates_what_eager_qpass_does(qwen25):
-    _compile_first_matches_eager(*qwen25)
