@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from qpass.calibration import MASK_KEYS
 from qpass.data import leading_size, split_rows
 from qpass.errors import CalibrationError, ConfigError, ModelLoadError
+from qpass.threads import ort_session_options
 
 
 class Task(enum.Enum):
@@ -51,9 +52,7 @@ def onnx_model(path: str) -> Model:
     import onnxruntime as ort
 
     try:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(path, ort_session_options(log_severity_level=3), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         msg = f"{path}: onnxruntime cannot load the model ({first})"

@@ -22,6 +22,14 @@ os.environ["PYTHONSAFEPATH"] = "1"
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# xdist workers share the cores: each takes its share of intra-op threads (torch, and through
+# qpass.threads ONNX Runtime), and CLI subprocesses inherit it; oversubscribed OpenMP/ORT threads
+# spin against each other and made the suite's heaviest tests 2-3x slower on 2 cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 if not torch.cuda.is_available():  # Triton kernels reach CPU tensors only through its interpreter,
     os.environ.setdefault("TRITON_INTERPRET", "1")  # chosen when kernels are decorated (import time)
 

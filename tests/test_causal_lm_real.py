@@ -110,15 +110,39 @@ def qwen25():
     return zoo.load_qwen25(copy_model=False)
 
 
+QWEN_SMOOTH_W8A8 = {  # fixed alpha: the per-site search is SmolLM2's tests' (two minutes more here)
+    "passes": [{"smooth_quant": {"alpha": 0.5}}],
+    "weights": {"format": "int8", "symmetric": True},
+    "activations": {"format": "int8", "granularity": "per_token", "dynamic": True},
+}
+
+
 def test_qwen25_smooth_w8a8_generates_and_tracks_fp32(qwen25):
+    """Qwen2's attention biases and GQA 14/2 through capture, smoothing (verified exact, the
+    v -> o_proj sites shared across each KV head's group) and W8A8; the quantized model, still a
+    Qwen2ForCausalLM on its cache, picks FP32's token wherever FP32 is not at a near-tie and
+    generates FP32's continuation up to the first such tie.
+    """
     model, tok = qwen25
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     fp = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
     assert tok.decode(fp) == " Paris. Paris is located in the north"
-    q = qpass.quantize(
-        model, "w8a8-smooth-dynamic", zoo.text_corpus("calib"), tokenizer=tok, seq_len=128, max_rows=8
+    res = qpass.quantize_with_report(
+        model, QWEN_SMOOTH_W8A8, zoo.text_corpus("calib"), tokenizer=tok, seq_len=64, max_rows=4
     )
+    smooth = res.report.results[0]
+    assert smooth.max_rel_error is not None and smooth.max_rel_error <= 1e-4
+    assert len(smooth.plan.applied_sites) >= 3 * 24, smooth.plan.applied_sites  # qkv, gate/up, down per layer
+    q = res.model
     assert type(q).__name__ == "Qwen2ForCausalLM" and q.config.use_cache
+    full = torch.cat([ids[0], fp])[None]
+    with torch.no_grad():
+        ref = model(input_ids=full, use_cache=False).logits[0, ids.shape[1] - 1 : -1]
+        got = q(input_ids=full, use_cache=False).logits[0, ids.shape[1] - 1 : -1]
+    top = ref.topk(2, -1).values
+    confident = (top[:, 0] - top[:, 1]) >= 1.0
+    assert confident.sum() >= 4, top
+    assert torch.equal(got.argmax(-1)[confident], fp[confident])
     out = q.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
-    assert torch.equal(out, fp), tok.decode(out)
-
+    first_tie = int((~confident).nonzero()[0]) if (~confident).any() else 8
+    assert torch.equal(out[:first_tie], fp[:first_tie]), tok.decode(out)

@@ -51,6 +51,7 @@ LOWERED_OP = {  # the op that shows the recipe took its intended form
     "mxfp4-reorder": "DequantizeMXFP4",  # qpass function ops (lowering/onnx_block_formats.py)
     "w4a16-adadim": "DequantizeLinear",  # row groups: blocked (opset 21) or per-axis + Reshape
     "w8a8-disassemble": "QuantizeLinear",  # MiniLM has no exact disassembly site: plain W8A8
+    "w8a8-cle": "QuantizeLinear",  # MiniLM has no Conv -> ReLU -> Conv chain: plain static W8A8
 }
 SUBSET = ("w8a8", "w8a8-dynamic", "w4a16", "w4a8-rotate", "mxfp4-reorder")
 ALL = os.environ.get("QPASS_ALL_RECIPES") == "1"

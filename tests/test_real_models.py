@@ -80,8 +80,13 @@ def smollm2():
     return model, [calib[i : i + 4] for i in range(0, 16, 4)], held_out, zoo.perplexity(model, held_out)
 
 
-@pytest.mark.parametrize(("recipe", "budget"), [("w8a8-smooth-dynamic", 0.03), ("w8a8-smooth", 0.10)])
-def test_smollm2_w8a8_smooth_perplexity(smollm2, recipe, budget):
+def test_smollm2_w8a8_smooth_perplexity(smollm2):
+    """Static per-tensor W8A8 with searched smoothing, the harder of the two W8A8 forms, within 10%
+    of FP32 perplexity. The per-token dynamic form is held to FP32's greedy tokens in
+    tests/test_causal_lm_real.py and measured in benchmarks/results/smollm2_ppl.md (it cost three
+    more minutes here).
+    """
+    recipe, budget = "w8a8-smooth", 0.10
     model, batches, held_out, fp_ppl = smollm2
     res = qpass.quantize_with_report(model, recipe, batches)
     smooth = res.report.results[0]

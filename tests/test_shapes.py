@@ -7,6 +7,7 @@ legacy MiniLM `int4-splitquant` splits all 36 linears and beats plain per-row IN
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -28,6 +29,13 @@ from qpass.recipe import builtin_names, get_recipe
 pytestmark = [pytest.mark.slow]
 
 PASS_RECIPES = [n for n in builtin_names() if _weight_passes(get_recipe(n))]
+# On MiniLM these two take a minute each on 2 cores (k-means splits of every linear, DuQuant's
+# greedy rotations); the tiny BERT runs them on all three exports, and int4-splitquant's real
+# MiniLM case is test_splitquant_beats_rtn_on_stripped_legacy_minilm. QPASS_ALL_RECIPES=1 runs them.
+MINUTES_ON_MINILM = ("int4-splitquant", "w4a4-duquant")
+MINILM_RECIPES = [
+    n for n in PASS_RECIPES if os.environ.get("QPASS_ALL_RECIPES") == "1" or n not in MINUTES_ON_MINILM
+]
 
 
 def _legacy(model, args, names, path):
@@ -99,7 +107,7 @@ def test_legacy_export_has_no_intermediate_shapes(minilm_three):
     assert view.inferred
 
 
-@pytest.mark.parametrize("recipe", PASS_RECIPES)
+@pytest.mark.parametrize("recipe", MINILM_RECIPES)
 def test_minilm_sites_match_on_all_three_exports(minilm_three, recipe):
     paths, calib, _ = minilm_three
     got = {k: _sites(p, recipe, calib[:1]) for k, p in paths.items()}

@@ -19,6 +19,7 @@ import torch
 
 from qpass import io as qio
 from qpass.errors import CalibrationError, ModelLoadError, UnsupportedOpError
+from qpass.threads import ort_session_options
 
 
 def ort_session(
@@ -27,8 +28,7 @@ def ort_session(
     """A CPU session over `model` that also returns the values named in `extra_outputs`."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ort_session_options(log_severity_level=3)
     try:
         if is_lazy(model.graph):
             return _session_from_files(model, values, extra_outputs, opts)
