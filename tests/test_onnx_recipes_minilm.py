@@ -42,6 +42,8 @@ LOWERED_OP = {  # the op that shows the recipe took its intended form
     "w4a16-gptq": "MatMulNBits",
     "w4a8-rotate": "HadamardTransform1536",
     "w4a4-rotate": "HadamardTransform1536",
+    "w4a8-rotate-g128": "HadamardTransform1536",  # + MatMulNBits blocks of 128 behind the rotation
+    "w4a16-rotate-gptq": "MatMulNBits",
     "w4a4-duquant": "MatMulIntegerToFloat",
     "w8a8-int8decomp": "MatMulIntegerToFloat",
     "w4a16-awq": "MatMulNBits",

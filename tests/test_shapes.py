@@ -157,3 +157,35 @@ def test_splitquant_beats_rtn_on_stripped_legacy_minilm(minilm_three, tmp_path):
         if vi.type.tensor_type.HasField("shape") and vi.name not in weights
     ]
     assert shaped == [], shaped[:5]
+
+
+def test_shape_inference_leaves_the_working_directory_alone(tmp_path, monkeypatch):
+    """ONNX Runtime's SymbolicShapeInference.infer_shapes saves 'sym_shape_infer_temp.onnx' and a
+    <uuid>.data file into the current directory when it cannot finish (an op it does not know);
+    qpass's load must not leave files behind, and must keep what the standard inference found."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from qpass.graph.onnx_shapes import infer_missing_shapes
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 8], np.ones(64, np.float32))
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Mystery", ["h"], ["m"], domain="example.custom"),
+            helper.make_node("Relu", ["m"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w],
+    )
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)]
+    )
+    monkeypatch.chdir(tmp_path)
+    model = ir.serde.deserialize_model(proto)
+    infer_missing_shapes(model)
+    assert sorted(os.listdir(tmp_path)) == []
+    h = next(n for n in model.graph if n.op_type == "MatMul").outputs[0]
+    assert h.shape is not None and list(h.shape)[1] == 8

@@ -20,6 +20,13 @@ def test_corpus_splits_disjoint_and_nonempty():
     assert zoo.text_corpus("eval") == ev  # deterministic
 
 
+def test_out_of_domain_text_is_prose_of_its_own():
+    ood = zoo.text_corpus("ood")
+    assert len(ood) >= 30 and sum(map(len, ood)) > 10_000  # enough for 8 rows of 256 tokens
+    assert not set(ood) & (set(zoo.text_corpus("calib")) | set(zoo.text_corpus("eval")))
+    assert any("Python Software Foundation" in p for p in ood)
+
+
 def test_sentences_disjoint_natural_and_bounded():
     calib, ev = zoo.sentences("calib"), zoo.sentences("eval")
     assert len(calib) >= 256 and len(ev) >= 128

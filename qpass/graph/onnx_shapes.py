@@ -121,9 +121,20 @@ def _onnx_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
 
 def _ort_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
 
-        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False)
+        if (get_opset(proto) or 0) < 7:
+            return None
+        # SymbolicShapeInference.infer_shapes, minus its side effect: when inference is incomplete
+        # it saves the model as "sym_shape_infer_temp.onnx" plus a <uuid>.data file into the
+        # current directory before raising. Driving the same steps here keeps the user's working
+        # directory clean and keeps the dims it did find.
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        inference._preprocess(proto)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        return inference.out_mp_
     except Exception as exc:  # noqa: BLE001 - it refuses ops it does not know; keep what ONNX found
         log.debug("ONNX Runtime symbolic shape inference failed: %s", exc)
         return None

@@ -1,5 +1,7 @@
 """Real English text from the standard library (``pydoc_data.topics``), split into disjoint
-calibration and evaluation parts, as paragraphs, natural sentences or packed token rows.
+calibration and evaluation parts, as paragraphs, natural sentences or packed token rows; and an
+out-of-domain evaluation text (``"ood"``: the Python distribution's own LICENSE.txt, legal and
+historical prose that shares no paragraph with the reference topics).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from qpass.errors import ConfigError
 
-SPLITS = ("calib", "eval")
+SPLITS = ("calib", "eval", "ood")
 
 _MIN_PARAGRAPH_CHARS = 40
 _EVAL_EVERY = 4  # about one paragraph in four is held out for evaluation
@@ -49,8 +51,21 @@ def _prose_paragraphs(doc: str) -> list[str]:
     return out
 
 
+def _license_paragraphs() -> tuple[str, ...]:
+    import sysconfig
+    from pathlib import Path
+
+    path = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if not path.is_file():
+        msg = f"{path}: this Python ships no LICENSE.txt for the 'ood' text split"
+        raise ConfigError(msg)
+    return tuple(dict.fromkeys(_prose_paragraphs(path.read_text(encoding="utf-8"))))
+
+
 @functools.cache
 def _corpus(split: str) -> tuple[str, ...]:
+    if split == "ood":
+        return _license_paragraphs()
     from pydoc_data.topics import topics
 
     seen: set[str] = set()
@@ -71,7 +86,8 @@ def text_corpus(split: str) -> list[str]:
     and repeats (several topics share text) are kept once. A paragraph goes to
     ``"eval"`` when the CRC-32 of its text is 0 mod 4, else to ``"calib"``: the
     splits are disjoint and fixed across runs and platforms. Order: sorted topic
-    key, then position in the topic.
+    key, then position in the topic. ``"ood"`` is another domain for evaluation
+    only: the paragraphs of the interpreter's LICENSE.txt (about 3,000 tokens).
     """
     _check_split(split)
     return list(_corpus(split))
