@@ -5,7 +5,6 @@ rows (no padding) from disjoint splits.
 
     .venv/bin/python benchmarks/smollm2_ppl.py                       # the W8A8 table
     .venv/bin/python benchmarks/smollm2_ppl.py --suite rotation      # W4A8/W4A4 with and without rotations
-    .venv/bin/python benchmarks/smollm2_ppl.py --suite lowbit --rows 8  # the built-in low-bit recipes
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ SUITES: dict[str, dict[str, str | dict]] = {
     "w8a8": {name: name for name in ("w8a8", "w8a8-dynamic", "w8a8-smooth", "w8a8-smooth-dynamic")},
     "rotation": {
         "w4a8 (no rotation)": _w4("int8", []),
-        "w4a8-rotate": _w4("int8", _QUAROT),  # the built-in before it took GPTQ weights (suite 'lowbit')
+        "w4a8-rotate": _w4("int8", _QUAROT),  # the built-in before it took GPTQ weights (now: llm_lowbit.py)
         "w4a8 duquant (quarot layout)": _w4("int8", _quarot("duquant")),
         "w4a8 klt (quarot layout)": _w4("int8", _quarot("klt")),
         "w4a4 (no rotation)": _w4("int4", []),
@@ -88,18 +87,6 @@ SUITES: dict[str, dict[str, str | dict]] = {
         "w4a16 + quarot": _w4("fp", _QUAROT),
         "w4a8 gptq (no rotation)": _w4("int8", [], "gptq"),
         "w4a8 gptq + quarot": _w4("int8", _QUAROT, "gptq"),
-    },
-    # issue 21's table on this model: the built-in low-bit recipes (rotations take GPTQ weights)
-    # beside the same bits without rotation
-    "lowbit": {
-        "w8a8-smooth-dynamic": "w8a8-smooth-dynamic",
-        "w4a16-gptq": "w4a16-gptq",
-        "w4a16-rotate-gptq": "w4a16-rotate-gptq",
-        "w4a8 gptq (no rotation)": _w4("int8", [], "gptq"),
-        "w4a8-rotate": "w4a8-rotate",
-        "w4a8-rotate-g128": "w4a8-rotate-g128",
-        "w4a4 gptq (no rotation)": _w4("int4", [], "gptq"),
-        "w4a4-rotate": "w4a4-rotate",
     },
 }
 OUT = Path(__file__).parent / "results"

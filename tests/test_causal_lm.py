@@ -327,3 +327,17 @@ def test_recipe_kv_cache_section_generates_and_survives_save(tmp_path):
     assert torch.equal(loaded.generate(prompt, max_new_tokens=40, do_sample=False), out.sequences)
     with pytest.raises(ConfigError, match="key 'kv_cache' applies to transformers causal LMs"):
         qpass.quantize(_Logits(_model("qwen2")), recipe, [(c,) for c in _calibration()])
+
+
+def test_builtin_w4a4kv4_rotate_keeps_its_cache_at_four_bits():
+    """The built-in W4A4 + KV4 recipe: rotations and GPTQ in the modules, keys and values through
+    the recipe's INT4 cache, which generate() uses.
+    """
+    from qpass.lm_kv_cache import QuantizedKVCache
+
+    q = qpass.quantize(_model("qwen2"), "w4a4kv4-rotate", _calibration())
+    assert q.qpass_kv_cache.format == "int4" and q.qpass_kv_cache.rotate == "hadamard"
+    assert any(isinstance(m, (PreRotated, PostRotated)) for m in q.modules())
+    prompt = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    out = q.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    assert isinstance(out.past_key_values, QuantizedKVCache) and out.sequences.shape == (2, 18)

@@ -134,10 +134,10 @@ def _ort_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
         while inference.run_:
             inference._infer_impl()
         inference._update_output_from_vi()
-        return inference.out_mp_
     except Exception as exc:  # noqa: BLE001 - it refuses ops it does not know; keep what ONNX found
         log.debug("ONNX Runtime symbolic shape inference failed: %s", exc)
         return None
+    return inference.out_mp_
 
 
 _PROBES = ((7, 11, 13, 17, 23, 29, 31, 37), (41, 43, 47, 53, 59, 61, 67, 71))  # distinct primes
