@@ -55,18 +55,49 @@ def _recipe(name: str, passes: list, weights: dict | None, acts: str | None, kv:
 
 # row -> column -> recipe (a built-in's name, or a dict); the QuaRot column holds the built-ins
 W4_GPTQ, W4_GPTQ_G128 = {"format": "int4", **GPTQ}, {"format": "int4", **GPTQ_G128}
+
+
+def _kept(builtin: str) -> dict:
+    """A built-in QuaRot recipe whose fuse_norms keeps the gammas it measures as protective."""
+    data = qpass.get_recipe(builtin).to_dict()
+    data["passes"] = [{"fuse_norms": {"keep_gamma": "auto"}}, *data["passes"][1:]]
+    return {**data, "name": f"{builtin} keep_gamma=auto"}
+
+
 TABLE: dict[str, dict[str, str | dict]] = {
     "W8A8": {"gptq": "w8a8-dynamic", "quarot": _recipe("w8a8 quarot", QUAROT, {"format": "int8"}, "int8")},
-    "W4A16 g128": {"gptq": "w4a16-gptq", "quarot": "w4a16-rotate-gptq"},
-    "W4A16 g32 asym (RTN)": {
-        "gptq": _recipe("w4a16 g32 asym", [], {"format": "int4", "group": 32, "symmetric": False}, None)
+    "W4A16 g128": {
+        "rtn": "w4a16",
+        "gptq": "w4a16-gptq",
+        "quarot": "w4a16-rotate-gptq",
+        "quarot_kept": _kept("w4a16-rotate-gptq"),
     },
-    "W4A8": {"gptq": _recipe("w4a8 gptq", [], W4_GPTQ, "int8"), "quarot": "w4a8-rotate"},
+    "W4A16 g32 asym": {
+        "rtn": _recipe("w4a16 g32 asym", [], {"format": "int4", "group": 32, "symmetric": False}, None)
+    },
+    "W4A8": {
+        "gptq": _recipe("w4a8 gptq", [], W4_GPTQ, "int8"),
+        "quarot": "w4a8-rotate",
+        "quarot_kept": _kept("w4a8-rotate"),
+    },
     "W4A8 g128": {"gptq": _recipe("w4a8 gptq g128", [], W4_GPTQ_G128, "int8"), "quarot": "w4a8-rotate-g128"},
-    "W4A4": {"gptq": _recipe("w4a4 gptq", [], W4_GPTQ, "int4"), "quarot": "w4a4-rotate"},
-    "W4A4KV4": {"gptq": _recipe("w4a4kv4 gptq", [], W4_GPTQ, "int4", KV4), "quarot": "w4a4kv4-rotate"},
+    "W4A4": {
+        "gptq": _recipe("w4a4 gptq", [], W4_GPTQ, "int4"),
+        "quarot": "w4a4-rotate",
+        "quarot_kept": _kept("w4a4-rotate"),
+    },
+    "W4A4KV4": {
+        "gptq": _recipe("w4a4kv4 gptq", [], W4_GPTQ, "int4", KV4),
+        "quarot": "w4a4kv4-rotate",
+        "quarot_kept": _kept("w4a4kv4-rotate"),
+    },
 }
-COLUMNS = {"gptq": "none (GPTQ only)", "quarot": "QuaRot layout"}
+COLUMNS = {
+    "rtn": "RTN",
+    "gptq": "GPTQ only",
+    "quarot": "QuaRot layout",
+    "quarot_kept": "QuaRot, protective gammas kept",
+}
 
 
 def load(name: str):
@@ -116,8 +147,27 @@ def main(name: str, only: list[str] | None) -> None:
     _write(name, only, fp, cells)
 
 
+def _merged(path: Path, fp: dict, cells: list[dict]) -> list[dict]:
+    """`--only` updates its cells inside the model's table (same FP32 figures, else refused)."""
+    if not path.exists():
+        return cells
+    old = json.loads(path.read_text())
+    if any(abs(old["meta"]["fp32"][s] / fp[s] - 1) > 1e-4 for s in fp):
+        sys.exit(f"{path}: its FP32 perplexities {old['meta']['fp32']} differ from this run's {fp}")
+    new_keys = {(c["row"], c["column"]) for c in cells}
+    known = {(r, c) for r, cols in TABLE.items() for c in cols}  # a cell renamed since is dropped
+    kept = [c for c in old["cells"] if (c["row"], c["column"]) in known - new_keys]
+    return kept + cells
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _write(name: str, only: list[str] | None, fp: dict, cells: list[dict]) -> None:
-    stem = f"llm_lowbit_{name}" + ("_subset" if only else "")
+    stem = f"llm_lowbit_{name}"
     meta = {
         "model": name,
         "torch": torch.__version__,
@@ -129,16 +179,21 @@ def _write(name: str, only: list[str] | None, fp: dict, cells: list[dict]) -> No
         "load_after": load_text(),
     }
     OUT.mkdir(exist_ok=True)
-    (OUT / f"{stem}.json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=1) + "\n")
+    if only:
+        cells = _merged(OUT / f"{stem}.json", fp, cells)
+    rows, columns = list(TABLE), list(COLUMNS)
+    cells.sort(key=lambda c: (rows.index(c["row"]), columns.index(c["column"])))
+    _atomic_write(OUT / f"{stem}.json", json.dumps({"meta": meta, "cells": cells}, indent=1) + "\n")
     by = {(c["row"], c["column"]): c for c in cells}
     head = " | ".join(f"{COLUMNS[c]}: in-domain / other domain (quantize s)" for c in COLUMNS)
     lines = [
-        f"# `benchmarks/llm_lowbit.py {name}`" + (f" --only {' '.join(only)}" if only else ""),
+        f"# `benchmarks/llm_lowbit.py {name}`",
         "",
         f"{meta['cpus']} CPU cores, no GPU, torch {meta['torch']}, 2 threads. Calibration: {meta['calibration']}. "
         f"Perplexity: {meta['evaluation']}; in-domain = held-out pydoc topics, other domain = the "
         f"interpreter's LICENSE.txt prose. FP32: {fp['eval']:.3f} in-domain, {fp['ood']:.3f} other domain. "
-        f"Load average after the run: {meta['load_after']}.",
+        f"Load average after the last run: {meta['load_after']} (each cell's own in the .json; cells "
+        "rerun with `--only` replace theirs).",
         "",
         f"| setting | {head} |",
         "|---|" + "---:|" * len(COLUMNS),
@@ -154,7 +209,7 @@ def _write(name: str, only: list[str] | None, fp: dict, cells: list[dict]) -> No
             )
         lines.append(f"| {row} | " + " | ".join(vals) + " |")
     lines += ["", "Recipes: " + "; ".join(f"{c['row']}/{c['column']} = `{c['recipe']}`" for c in cells) + "."]
-    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    _atomic_write(OUT / f"{stem}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -177,3 +177,54 @@ def test_smollm2_quarot_is_exact_and_handles_the_tied_embedding():
     assert "offline into 210 constants, 2 online" in stream.detail  # 30 x (7 linears) = 210
     down = [n for n in result.plan.applied_sites if "(1536x1536) online" in n.detail]
     assert len(down) == 30 and all("12" in n.detail for n in down)
+
+
+A8 = ActivationQuantConfig(format="int8", granularity=ActGranularity.PER_TOKEN, dynamic=True)
+W4_RTN = WeightQuantConfig(format="int4")
+
+
+def _damped_llama(factor: float = 30.0) -> torch.nn.Module:
+    """SmolLM2's pattern: massive residual channels that every norm's gamma damps (~1/factor^2),
+    so the linears after the norms see ordinary values; fused, the gammas no longer damp them.
+    """
+    torch.manual_seed(0)
+    model = TinyLlama().eval()
+    with torch.no_grad():
+        for block in model.layers:
+            for norm in (block.input_layernorm, block.post_attention_layernorm):
+                # distinct gammas: ONNX export shares identical initializers, which blocks fusion
+                norm.weight.uniform_(0.5, 1.5)
+                norm.weight[[3, 17]] = 1.0 / factor**2
+    return model
+
+
+@pytest.mark.parametrize("acts", [A8, A4], ids=["a8", "a4"])
+def test_keep_gamma_auto_keeps_damping_gammas_and_stays_exact(acts, backend, tmp_path):
+    model = _damped_llama()
+    case = Case("damped", model, [stream_outlier_inputs(seed=i) for i in range(3)], ["x"])
+    batches = case.batches_for(backend)
+    ctx = PassContext(weights=W4_RTN, activations=acts)
+    errors = {}
+    for keep in ("never", "auto"):
+        view = case.view(backend, tmp_path)
+        before = view.run(batches[-1])
+        fused = run_pass(view, FuseNorms(FuseNormsConfig(keep_gamma=keep)), batches, ctx, verify=True)
+        rotated = run_pass(view, Rotate(QUAROT), batches, ctx, verify=True)
+        assert max_relative_error(before, view.run(batches[-1])) <= 1e-4
+        kept = [n for n in fused.plan.notes if n.detail.startswith("gamma kept (keep_gamma: auto)")]
+        # the four damping norms are kept and read through an online inverse; the final norm
+        # (gamma 1) is fused either way
+        assert len(kept) == (4 if keep == "auto" else 0)
+        (stream,) = stream_notes(rotated)
+        assert stream.detail.count("online inverse") == len(kept)
+        errors[keep] = mean_error(linear_output_errors(view, batches, W4_RTN, acts))
+    assert errors["auto"] * 2 <= errors["never"], errors
+
+
+def test_keep_gamma_auto_fuses_uniform_gammas(llama_case):
+    """Nothing to protect (gammas of one): auto fuses every norm, as 'never' does."""
+    view = llama_case.view("fx", None)
+    ctx = PassContext(weights=W4_RTN, activations=A8)
+    result = run_pass(view, FuseNorms(FuseNormsConfig(keep_gamma="auto")), llama_case.batches, ctx, verify=True)
+    assert not [n for n in result.plan.notes if n.detail.startswith("gamma kept")]
+    assert len(result.plan.applied_sites) == 5
