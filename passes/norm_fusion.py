@@ -29,7 +29,8 @@ from qpass.graph.regions.sites import Site, find_sites
 from qpass.graph.view import GraphView
 from qpass.math.hadamard import has_hadamard, randomized_hadamard
 from qpass.pass_base import PassContext, QPass, Rewrite, SiteList
-from qpass.quant.qlinear import canonical_weight, rotated_output_error
+from qpass.quant.error import rotated_output_error
+from qpass.quant.qlinear import canonical_weight
 
 
 @dataclass(frozen=True)

@@ -74,3 +74,23 @@ def test_selector_keys_are_checked():
     r = get_recipe(_recipe(exclude="output_head"))
     assert r.layers.exclude == ("output_head",)
     assert get_recipe(r.to_dict()).layers == r.layers  # round-trips through the recipe file form
+
+
+def test_first_and_last_block_roles_are_the_end_layers_on_both_graph_kinds(llama_case, onnx_dir):
+    """Found from structure (sublayers grouped at each attention): layer 0's and the last layer's
+    seven linears (q, k, v, o, gate, up, down), the same positions on torch.fx and ONNX.
+    """
+    picked = {}
+    for backend in ("fx", "onnx"):
+        view = llama_case.view(backend, onnx_dir)
+        linears = list(view.ops(frozenset({OpKind.LINEAR})))
+        for role in ("first_block", "last_block"):
+            selector = Selector(view, LayerSelection(only=(role,)))
+            picked[backend, role] = [i for i, op in enumerate(linears) if not selector.skip_reason(op)]
+        if backend == "fx":
+            scopes = {role: {view.scope(linears[i]).split(".")[1] for i in picked["fx", role]} for role in
+                      ("first_block", "last_block")}  # fmt: skip
+            n_layers = len(llama_case.model.layers)
+            assert scopes == {"first_block": {"0"}, "last_block": {str(n_layers - 1)}}
+    for role in ("first_block", "last_block"):
+        assert len(picked["fx", role]) == 7 and picked["fx", role] == picked["onnx", role]

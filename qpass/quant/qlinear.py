@@ -131,32 +131,6 @@ def quantized_output_error(
     return float(((out - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-30))
 
 
-def rotated_output_error(
-    x: torch.Tensor,
-    w_out_in: torch.Tensor,
-    q: torch.Tensor,
-    wcfg: WeightQuantConfig | None,
-    acfg: ActivationQuantConfig | None,
-    ref: torch.Tensor | None = None,
-) -> float:
-    """Relative squared error of Q_a(x q) @ Q_w(w q)^T vs the FP x @ w^T (= `ref`), q orthogonal.
-
-    What a linear would lose if it read x in the basis q, at the recipe's formats: RTN weights
-    (GPTQ lowers both sides of a comparison alike), activations dynamic as configured or, for
-    static ones, per tensor over the rows given.
-    """
-    if ref is None:
-        ref = x @ w_out_in.T
-    xr, wr = x @ q, w_out_in @ q
-    if acfg is not None:
-        qp = None if acfg.dynamic else act_qparams(float(xr.min()), float(xr.max()), acfg)
-        xr = fake_quant_act(xr, acfg, qp)
-    if wcfg is not None:
-        wr = fake_quant_weight(wr, wcfg)
-    out = xr @ wr.T
-    return float(((out - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-30))
-
-
 @dataclass
 class QLinear:
     """A linear layer's quantized form, backend-neutral: what lowering needs.

@@ -6,6 +6,13 @@ A selector is a glob matched against the op's name and its scope (the module pat
 the node name on ONNX), or a role found from graph structure:
 - `output_head`: a linear whose output reaches a graph output through no other linear (an LM's
   lm_head, a classifier's last layer).
+- `first_block` / `last_block`: the linears of the first / last layer of the residual stack. The
+  stream's sublayer blocks (`qpass.graph.regions.blocks`) are grouped into layers, a new layer
+  starting at each sublayer that holds attention (a softmax, a fused attention or an
+  activation-by-activation matmul): attention + MLP is one layer, a parallel block is one layer
+  too. Without attention every sublayer is a layer; the tail (final norm, head) is in none.
+  These are the layers quantization studies keep at higher precision (the first layers carry
+  the attention sinks and massive activations).
 A linear left float is reported with the selector that left it.
 """
 
@@ -16,9 +23,11 @@ from dataclasses import dataclass
 
 from qpass.errors import ConfigError
 from qpass.graph.refs import OpKind, OpRef
+from qpass.graph.regions.blocks import find_blocks
 from qpass.graph.view import GraphView
 
-ROLES = ("output_head",)
+ROLES = ("output_head", "first_block", "last_block")
+_ATTENTION = frozenset({OpKind.SOFTMAX, OpKind.ATTENTION, OpKind.MATMUL})
 
 
 @dataclass(frozen=True)
@@ -52,11 +61,14 @@ class Selector:
     def __init__(self, view: GraphView, selection: LayerSelection) -> None:
         self.view, self.selection = view, selection
         roles = {s for s in (*selection.exclude, *selection.only) if s in ROLES}
-        self._heads = _output_heads(view) if "output_head" in roles else set()
+        self._by_role = {
+            "output_head": _output_heads(view) if "output_head" in roles else set(),
+            **(_end_layers(view) if roles & {"first_block", "last_block"} else {}),
+        }
 
     def _matches(self, op: OpRef, selector: str) -> bool:
-        if selector == "output_head":
-            return op.name in self._heads
+        if selector in ROLES:
+            return op.name in self._by_role.get(selector, set())
         return any(fnmatch.fnmatchcase(name, selector) for name in (op.name, self.view.scope(op)))
 
     def skip_reason(self, op: OpRef) -> str | None:
@@ -86,3 +98,17 @@ def _output_heads(view: GraphView) -> set[str]:
                 if consumer.kind is not OpKind.LINEAR:
                     todo.append(view.op_output(consumer))
     return heads
+
+
+def _end_layers(view: GraphView) -> dict[str, set[str]]:
+    """The quantizable ops of the first and of the last layer (see the module doc)."""
+    blocks = [b for b in find_blocks(view) if b.end is not None]  # the tail is in no layer
+    attends = [any(op.kind in _ATTENTION for op in b.ops) for b in blocks]
+    layers: list[set[str]] = []
+    for block, starts in zip(blocks, attends, strict=True):
+        names = {op.name for op in block.quantizable}
+        if not layers or starts or not any(attends):
+            layers.append(names)
+        else:
+            layers[-1] |= names
+    return {"first_block": layers[0] if layers else set(), "last_block": layers[-1] if layers else set()}
