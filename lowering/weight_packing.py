@@ -9,7 +9,8 @@ Two layouts, both numpy-only and checked against ONNX Runtime in tests/test_onnx
   channel. With ``g_idx``, ORT 1.32's CPU kernel ignores packed uint8 zero points (it applies
   the default 2^(bits-1); found by the identity-input probe in the tests), but honours
   zero points given as float ``[N, k_blocks]`` in the same formula ``(q - zp) * scale``: act-order
-  asymmetric weights use those. Codes narrower than 4 bits use the 4-bit container, 5..7 bits the 8-bit one: the
+  asymmetric weights use those, and so do float zero points (``weights.float_zero_point``).
+  Codes narrower than 4 bits use the 4-bit container, 5..7 bits the 8-bit one: the
   dequantized values are unchanged.
 - ONNX opset 21 ``DequantizeLinear`` with ``block_size``: codes ``[K, N]`` as int4/uint4 (<= 4 bits)
   or int8/uint8, scales ``[ceil(K / block), N]``; act-order ``g_idx`` becomes a permutation of the
@@ -68,6 +69,8 @@ def _unsigned_codes(q: QLinear, cbits: int) -> tuple[np.ndarray, np.ndarray | No
     codes = q.codes.numpy()
     if q.zero_points is None:
         return (codes.astype(np.int16) + (1 << (cbits - 1))).astype(np.uint8), None
+    if q.zero_points.is_floating_point():  # float zero points (formats' float_zero_point) stay float
+        return codes.astype(np.uint8), q.zero_points.numpy().astype(np.float32)
     return codes.astype(np.uint8), q.zero_points.numpy().astype(np.uint8)
 
 
@@ -103,14 +106,17 @@ def matmulnbits_arrays(q: QLinear) -> PackedNBits:
     scales = q.scales.numpy().astype(np.float32)[:, block_group]
     pad = k_blocks * block - k
     if pad:
-        fill = zp[:, -1:] if zp is not None else np.full((n, 1), 1 << (cbits - 1), np.uint8)
+        if zp is None:
+            fill = np.full((n, 1), 1 << (cbits - 1), np.uint8)
+        else:  # the padded inputs are zero; any code in range will do, the zero point's nearest
+            fill = np.clip(np.rint(zp[:, -1:]), 0, (1 << cbits) - 1).astype(np.uint8)
         u = np.concatenate([u, np.repeat(fill[:, :1], pad, axis=1)], axis=1)
     u = u.reshape(n, k_blocks, block)
     b = _pack_nibbles(u) if cbits == 4 else u
     zp_packed = None
     if zp is not None:
         zp_blocks = zp[:, block_group]
-        if q.g_idx is not None:
+        if q.g_idx is not None or zp_blocks.dtype.kind == "f":  # MatMulNBits: in the scales' type
             zp_packed = zp_blocks.astype(np.float32)
         else:
             zp_packed = _pack_nibbles(zp_blocks) if cbits == 4 else zp_blocks
@@ -156,6 +162,12 @@ def blocked_dq_arrays(q: QLinear) -> BlockedDQ:
     """Codes/scales/zero points for DequantizeLinear with `block_size` along K."""
     cbits = container_bits(q.bits)
     signed = q.zero_points is None
+    if not signed and q.zero_points.is_floating_point():
+        msg = (
+            "float zero points have no DequantizeLinear form (its zero point takes the codes' type); "
+            "use weight_op: matmulnbits"
+        )
+        raise ValueError(msg)
     dtype = {
         (4, True): ml_dtypes.int4,
         (4, False): ml_dtypes.uint4,

@@ -41,6 +41,9 @@ def _weight_args(q: QLinear, where: str) -> dict[str, Any]:
         msg = f"module '{where}': groups along the output rows have no compressed-tensors form"
         raise ConfigError(msg)
     k = q.codes.shape[1]
+    if q.zero_points is not None and q.zero_points.is_floating_point():
+        msg = f"module '{where}': float zero points have no compressed-tensors form (integer zero points only)"
+        raise ConfigError(msg)
     if q.zero_points is not None and q.bits < 8:
         # compressed-tensors packs zero points when compressing, but its loader builds the
         # compressed layout on the meta device without packing them ([out, groups] against the

@@ -106,6 +106,9 @@ class WeightQuantConfig:
     format: str = "int8"
     group: int | None = None
     symmetric: bool = True
+    # asymmetric integers: the grid is the group's min + code * scale, its zero point a float
+    # (GGUF Q4_1 / HQQ; qpass.formats.QuantSpec.float_zero_point); lowers to MatMulNBits
+    float_zero_point: bool = False
     algo: Literal["rtn", "gptq", "awq"] = "rtn"  # awq: the `awq` scale search pass, then RTN
     clip_search: bool = False  # RTN: MSE-optimal clip ratio per channel/group
     # what the clip search minimises: "weight" = the group's squared rounding error;
@@ -151,6 +154,9 @@ class WeightQuantConfig:
             raise ConfigError(msg)
         if self.damp <= 0:
             msg = f"recipe key 'weights.damp': must be > 0, got {self.damp}"
+            raise ConfigError(msg)
+        if self.float_zero_point and (self.symmetric or is_block_format(self.format)):
+            msg = "recipe key 'weights.float_zero_point': needs an integer format with 'symmetric: false'"
             raise ConfigError(msg)
         self._check_extras()
         self._check_group_axis()

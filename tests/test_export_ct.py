@@ -107,6 +107,11 @@ def test_short_last_group_and_online_rotations_are_refused(tmp_path):
         ConfigError, match="asymmetric 4-bit weights do not load back from compressed-tensors"
     ):
         export_compressed_tensors(a, tmp_path / "ct")
+    fz = _recipe("w4a16")
+    fz["weights"]["float_zero_point"] = True
+    f = qpass.quantize(_model(), {"name": "g32fz", **fz}, _calibration())
+    with pytest.raises(ConfigError, match="float zero points have no compressed-tensors form"):
+        export_compressed_tensors(f, tmp_path / "ct")
     r = qpass.quantize(_model(), "w4a8-rotate", _calibration())
     with pytest.raises(ConfigError, match="online rotation, which compressed-tensors cannot hold"):
         export_compressed_tensors(r, tmp_path / "ct2")

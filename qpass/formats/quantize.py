@@ -130,7 +130,10 @@ def _encode_tile(
     if zp is None:
         return encode_int(y, et, narrow=True)
     top = 2**et.bits - 1
-    return torch.round(y).add_(zp.to(torch.float32)[:, None]).clamp_(0, top).to(torch.uint8)
+    z = zp.to(torch.float32)[:, None]
+    if zp.is_floating_point():  # float zero point (see QuantSpec.float_zero_point)
+        return torch.round(y.add_(z)).clamp_(0, top).to(torch.uint8)
+    return torch.round(y).add_(z).clamp_(0, top).to(torch.uint8)
 
 
 def _code_dtype(spec: QuantSpec) -> torch.dtype:

@@ -68,6 +68,8 @@ def fake_rows(
         return torch.round(y).clamp_(-q, q) * s
     z = zp.to(torch.float32)[:, None]
     top = float(2**et.bits - 1)
+    if zp.is_floating_point():  # float zero point: the code is round(x / s + z) itself
+        return (torch.round(y.add_(z)).clamp_(0, top) - z) * s
     return (torch.round(y).add_(z).clamp_(0, top) - z) * s
 
 
@@ -80,6 +82,13 @@ def _affine_from_range(
     scale = _safe((hi - lo) / top)
     zp = torch.round(-lo / scale).clamp_(0, top).to(torch.uint8)
     return scale, zp
+
+
+def _offset_from_range(lo: torch.Tensor, hi: torch.Tensor, et: ElementType) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and float zero point of the grid lo + code * scale (zero need not be on it)."""
+    top = float(2**et.bits - 1)
+    scale = _safe((hi - lo) / top)
+    return scale, (-lo / scale).to(torch.float32)
 
 
 def _float32_params(rows: torch.Tensor, spec: QuantSpec, valid: torch.Tensor | None) -> RowParams:
@@ -98,12 +107,11 @@ def _float32_params(rows: torch.Tensor, spec: QuantSpec, valid: torch.Tensor | N
         lo, hi = _kth(rows, 100.0 - spec.percentile), _kth(rows, spec.percentile)
     else:
         lo, hi = torch.aminmax(rows, dim=1)
+    from_range = _offset_from_range if spec.float_zero_point else _affine_from_range
     if clip is ClipMethod.MSE:
-        scale, zp = _mse_search(
-            rows, spec, valid, lambda ratio: _affine_from_range(lo * ratio, hi * ratio, et)
-        )
+        scale, zp = _mse_search(rows, spec, valid, lambda ratio: from_range(lo * ratio, hi * ratio, et))
         return RowParams(scale, zp)
-    scale, zp = _affine_from_range(lo, hi, et)
+    scale, zp = from_range(lo, hi, et)
     return RowParams(scale, zp)
 
 

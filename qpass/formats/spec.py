@@ -88,6 +88,12 @@ class QuantSpec:
     ``group_size`` is allowed (as ONNX blocked quantization allows): statistics use only
     its real elements (it is padded by repeating its last element, which leaves max, min
     and absmax unchanged; percentile clipping counts that element more often).
+    ``float_zero_point`` (asymmetric integers): the grid is ``min + code * scale`` over the
+    block's own [min, max], the zero point ``-min / scale`` stays a float32 instead of being
+    rounded to an integer code (zero need not be on the grid). This is GGUF Q4_1's and HQQ's
+    form; a model whose weights already sit on such a grid is reproduced exactly, where an
+    integer zero point shifts the grid by up to half a step. ONNX MatMulNBits takes float zero
+    points (in the scales' type); QDQ and compressed-tensors do not.
     """
 
     element: ElementType
@@ -101,6 +107,7 @@ class QuantSpec:
     mse_grid: int = 50
     mse_min_ratio: float = 0.2
     pad_tail: bool = False
+    float_zero_point: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -132,6 +139,9 @@ class QuantSpec:
             if self.scale_type is not ScaleType.FLOAT32:
                 msg = f"symmetric=False needs scale_type=float32, got scale_type={self.scale_type.value}"
                 raise ConfigError(msg)
+        if self.float_zero_point and (self.symmetric or self.element.is_float):
+            msg = "float_zero_point=True needs an asymmetric integer element (symmetric=False)"
+            raise ConfigError(msg)
         if self.scale_type is not ScaleType.FLOAT32 and self.clip is not ClipMethod.ABSMAX:
             msg = (
                 f"clip={self.clip.value} needs scale_type=float32; {self.scale_type.value} scales "

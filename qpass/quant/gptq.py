@@ -163,7 +163,8 @@ def gptq(
     n_groups = -(-n_in // gs)  # the last group may be short
     if dynamic:
         scales = torch.empty(n_out, n_groups, dtype=torch.float32, device=dev)
-        zps = None if spec.symmetric or spec.element.is_float else torch.empty_like(scales, dtype=torch.uint8)
+        zp_dtype = torch.float32 if spec.float_zero_point else torch.uint8
+        zps = None if spec.symmetric or spec.element.is_float else torch.empty_like(scales, dtype=zp_dtype)
         # group of each processed (permuted) column
         g_of_pos = torch.arange(n_in, device=dev) // gs
         row_spec = _row_spec(spec)

@@ -48,11 +48,10 @@ def weight_spec(cfg: WeightQuantConfig) -> QuantSpec:
     if is_block_format(cfg.format):  # blocks run along the input channels (the reduction axis)
         spec = get_format(cfg.format)
         return spec.replace(axis=0 if spec.granularity is Granularity.PER_CHANNEL else -1)
+    kw = {"symmetric": cfg.symmetric, "float_zero_point": cfg.float_zero_point}
     if cfg.group is None:
-        return QuantSpec(ElementType(cfg.format), Granularity.PER_CHANNEL, axis=0, symmetric=cfg.symmetric)
-    return QuantSpec(
-        ElementType(cfg.format), Granularity.PER_GROUP, axis=-1, group_size=cfg.group, symmetric=cfg.symmetric
-    )
+        return QuantSpec(ElementType(cfg.format), Granularity.PER_CHANNEL, axis=0, **kw)
+    return QuantSpec(ElementType(cfg.format), Granularity.PER_GROUP, axis=-1, group_size=cfg.group, **kw)
 
 
 def fake_quant_weight(w_out_in: torch.Tensor, cfg: WeightQuantConfig) -> torch.Tensor:

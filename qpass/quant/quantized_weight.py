@@ -57,7 +57,8 @@ class QuantizedWeight:
       symmetric integers, uint8 for asymmetric integers, uint8 bit patterns for floats).
     * ``scales``: float32 ``[out, n_groups]``, the effective scale (E8M0/E4M3 scales are
       stored decoded; they are exact powers of two / FP8 values times the tensor scale).
-    * ``zero_points``: uint8 ``[out, n_groups]`` for asymmetric integers, else None.
+    * ``zero_points``: ``[out, n_groups]`` for asymmetric integers (uint8; float32 with the
+      spec's ``float_zero_point``), else None.
     * ``group_size``: input channels per group (``in`` for per-channel and per-tensor).
     * ``g_idx``: int32 ``[in]``, the group of each input channel (MatMulNBits ``g_idx``).
     * ``perm``: the act-order processing order (``perm[k]`` = the k-th column quantized),
