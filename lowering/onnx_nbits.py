@@ -14,6 +14,7 @@ import torch
 
 from qpass.errors import UnsupportedOpError
 from qpass.graph.refs import OpRef
+from qpass.lowering.nbits_probe import check_matmulnbits, layout_key
 from qpass.lowering.onnx_activations import act_float
 from qpass.lowering.onnx_nodes import (
     BLOCKED_DQ_OPSET,
@@ -33,6 +34,8 @@ from qpass.lowering.weight_packing import (
 from qpass.qconfig import OnnxLoweringConfig
 from qpass.quant.qlinear import QLinear
 
+_CHECKED_LAYOUTS: set[tuple] = set()
+
 
 def lower_matmulnbits(view, node: ir.Node, op: OpRef, q: QLinear, config: OnnxLoweringConfig) -> None:
     """com.microsoft MatMulNBits: y = A @ dequant(B)^T with B [N, K] in blocks along K.
@@ -50,6 +53,10 @@ def lower_matmulnbits(view, node: ir.Node, op: OpRef, q: QLinear, config: OnnxLo
     except ValueError as exc:
         msg = f"node '{op.name}': cannot lower to MatMulNBits: {exc}"
         raise UnsupportedOpError(msg) from None
+    key = (*layout_key(packed), config.accuracy_level)
+    if key not in _CHECKED_LAYOUTS:  # once per layout and process: ORT reads it as qpass packed it
+        check_matmulnbits(packed, q.dequantized_weight().numpy(), op.name, config.accuracy_level)
+        _CHECKED_LAYOUTS.add(key)
     model: ir.Model = view.model
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     a = act_float(view, node, q) if q.act is not None else node.inputs[0]

@@ -100,3 +100,27 @@ def test_gridded_model_quantizes_losslessly_on_both_graph_kinds(algo, tmp_path):
             assert all(z.data_type == onnx.TensorProto.FLOAT for z in zps)
         else:
             assert err_torch > 1e-4 and err_onnx > 1e-4, (err_torch, err_onnx)  # 10x the bound above
+
+
+def test_a_packing_that_ort_reads_differently_is_refused(tmp_path, monkeypatch):
+    """The MatMulNBits layout probe (lowering/nbits_probe.py): packing float zero points as uint8
+    (the bug this feature first had: ORT then ran a wrong model) fails the lowering, naming the node.
+    """
+    from qpass.errors import QPassError
+    from qpass.lowering import onnx_nbits, weight_packing
+
+    real = weight_packing._unsigned_codes
+
+    def truncating(q, cbits):
+        codes, zp = real(q, cbits)
+        return codes, None if zp is None else zp.astype(np.uint8)
+
+    monkeypatch.setattr(weight_packing, "_unsigned_codes", truncating)
+    monkeypatch.setattr(onnx_nbits, "_CHECKED_LAYOUTS", set())
+    case = _gridded_llama()
+    recipe = {"name": "g32", "passes": [], "activations": None, "weights": {**G32, "float_zero_point": True}}
+    with pytest.raises(QPassError, match=r"node '.*': ONNX Runtime's MatMulNBits reads the packed weights"):
+        qpass.quantize_file(
+            str(case.onnx_path(tmp_path)), str(tmp_path / "bad.onnx"), recipe, case.onnx_calib()
+        )
+    assert not (tmp_path / "bad.onnx").exists()
