@@ -65,15 +65,41 @@ def _kept(builtin: str) -> dict:
 
 
 TABLE: dict[str, dict[str, str | dict]] = {
-    "W8A8": {"gptq": "w8a8-dynamic", "quarot": _recipe("w8a8 quarot", QUAROT, {"format": "int8"}, "int8")},
+    "W8A8": {"rtn": "w8a8-dynamic", "quarot": _recipe("w8a8 quarot", QUAROT, {"format": "int8"}, "int8")},
     "W4A16 g128": {
         "rtn": "w4a16",
         "gptq": "w4a16-gptq",
         "quarot": "w4a16-rotate-gptq",
         "quarot_kept": _kept("w4a16-rotate-gptq"),
     },
+    "W4A16 g128, head float": {
+        "gptq": {
+            **qpass.get_recipe("w4a16-gptq").to_dict(),
+            "name": "w4a16-gptq head-fp",
+            "exclude": ["output_head"],
+        }
+    },
     "W4A16 g32 asym": {
         "rtn": _recipe("w4a16 g32 asym", [], {"format": "int4", "group": 32, "symmetric": False}, None)
+    },
+    "W4A16 g32 asym, float zero points, head float": {
+        "rtn": {
+            **_recipe(
+                "w4a16 g32 asym fzp head-fp",
+                [],
+                {"format": "int4", "group": 32, "symmetric": False, "float_zero_point": True},
+                None,
+            ),
+            "exclude": ["output_head"],
+        }
+    },
+    "W4A16 g32 asym, float zero points": {
+        "rtn": _recipe(
+            "w4a16 g32 asym fzp",
+            [],
+            {"format": "int4", "group": 32, "symmetric": False, "float_zero_point": True},
+            None,
+        )
     },
     "W4A8": {
         "gptq": _recipe("w4a8 gptq", [], W4_GPTQ, "int8"),
@@ -138,13 +164,13 @@ def main(name: str, only: list[str] | None) -> None:
                 "load": load_text(),
             }
             cells.append(cell)
+            _write(name, only, fp, list(cells))  # after every cell: a later crash keeps what was measured
             print(
                 f"{name} {key:28s} eval {cell['vs_fp32_eval_pct']:+8.1f}%  ood {cell['vs_fp32_ood_pct']:+8.1f}%  "
                 f"quantize {qtime:.0f}s  load {cell['load']}",
                 flush=True,
             )
             del q
-    _write(name, only, fp, cells)
 
 
 def _merged(path: Path, fp: dict, cells: list[dict]) -> list[dict]:
