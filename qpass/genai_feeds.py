@@ -52,12 +52,13 @@ class GenAICalibration:
 
 def read_text(source: str | os.PathLike | Sequence[str]) -> str:
     """A text file's contents, or a list of strings joined by newlines."""
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike)):  # a path; text itself comes as a list of strings
         path = Path(source)
-        if not path.is_file():
-            msg = f"{path}: no such calibration text file"
-            raise CalibrationError(msg)
-        return path.read_text(encoding="utf-8")
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            msg = f"{str(path)[:200]}: not a readable calibration text file ({type(exc).__name__})"
+            raise CalibrationError(msg) from exc
     return "\n".join(source)
 
 
