@@ -263,3 +263,39 @@ def test_bad_genai_folders_give_one_line_errors(folders, calib_text, tmp_path):
     with pytest.raises(QPassError, match="output_dir"):
         qpass.quantize(str(folders["llama"]), "w8a8-dynamic", calib_text)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_feeds_are_prefill_then_decode_on_its_cache(folders, calib_text):
+    from qpass.genai_feeds import DecoderFeeds, GenAICalibration, text_rows
+    from qpass.genai_folder import load_genai_folder
+
+    folder = load_genai_folder(folders["qwen2"])
+    rows = text_rows(folder, "\n".join(calib_text), GenAICalibration(seq_len=10, max_rows=2))
+    assert [r.size for r in rows] == [11, 11]  # full rows, no padding
+    feeds = DecoderFeeds(folder).feeds(rows).items
+    assert len(feeds) == 4
+    prefill, decode = feeds[0], feeds[1]
+    assert prefill["past_key_values.0.key"].shape == (1, 2, 0, 16)
+    assert decode["past_key_values.1.value"].shape == (1, 2, 10, 16)
+    assert decode["attention_mask"].shape == (1, 11) and decode["input_ids"].tolist() == [[rows[0][-1]]]
+    ref = HandFed(folders["qwen2"])
+    _, cache = ref.run(rows[0][:-1], None)
+    np.testing.assert_array_equal(decode["past_key_values.1.value"], cache[3])
+
+
+def test_config_follows_the_decoder_interface(folders):
+    from qpass.errors import ModelLoadError
+    from qpass.genai_folder import load_genai_folder, updated_config
+
+    folder = load_genai_folder(folders["llama"])
+    cache_in, cache_out = folder.cache.past_names(), folder.cache.present_names()
+    same = updated_config(folder, ["input_ids", "attention_mask", *cache_in], ["logits", *cache_out])
+    assert same == folder.config
+    no_mask = updated_config(folder, ["input_ids", *cache_in], ["logits", *cache_out])
+    assert "attention_mask" not in no_mask["model"]["decoder"]["inputs"]
+    with pytest.raises(ModelLoadError, match="position_ids"):
+        updated_config(
+            folder, ["input_ids", "attention_mask", "position_ids", *cache_in], ["logits", *cache_out]
+        )
+    with pytest.raises(ModelLoadError, match="present"):
+        updated_config(folder, ["input_ids", "attention_mask", *cache_in], ["logits", *cache_out[:-1]])
