@@ -132,6 +132,7 @@ def test_adapter_reads_the_contrib_ops_from_structure(folders):
     from qpass.api import open_view
     from qpass.graph.refs import OpKind, ValueRef
     from qpass.graph.regions.absorbers import absorbable_sites
+    from qpass.graph.regions.streams import components
 
     view = open_view(str(folders["qwen2"] / "model.onnx"))
     norms = [op for op in view.ops() if op.op_type.endswith("SimplifiedLayerNormalization")]
@@ -143,6 +144,11 @@ def test_adapter_reads_the_contrib_ops_from_structure(folders):
     skip = next(op for op in norms if op.op_type.startswith("Skip"))
     residual = view.node(skip).outputs[3]  # input + skip: not the norm's output
     assert view.producer(ValueRef(residual.name)).kind is OpKind.OTHER
+    fused = view.residual_sum(skip)
+    assert fused.total == ValueRef(residual.name) and len(fused.inputs) == 2 and fused.bias is None
+    assert view.residual_sum(norms[0]) is None  # the plain SimplifiedLayerNormalization adds nothing
+    (stream,) = components(view)
+    assert len(stream.fused) == 4 and stream.width == 64
     gqa = next(op for op in view.ops() if op.op_type == "GroupQueryAttention")
     assert gqa.kind is OpKind.ATTENTION and view.writes_cache(gqa)
     q, k, v = view.attention_operands(gqa)
@@ -153,24 +159,38 @@ def test_adapter_reads_the_contrib_ops_from_structure(folders):
     assert all("packed" in why for _, why in rejected) and len(rejected) == 2
 
 
-def test_equivalent_pass_keeps_prefill_and_decode(folders, calib_text, eval_rows, tmp_path):
-    """Smoothing alone, verified by qpass on both programs, and checked here on held-out rows."""
+ROTATE_RESIDUAL = {"passes": [{"fuse_norms": {}}, {"rotate": {"kind": "hadamard", "layout": "residual"}}]}
+
+
+@pytest.mark.parametrize(
+    ("passes", "changed"),
+    [
+        ({"passes": [{"smooth_quant": {"alpha": 0.5}}]}, "model.layers.0.input_layernorm.weight"),
+        (ROTATE_RESIDUAL, "model.embed_tokens.weight"),  # the QuaRot layout through the Skip norms
+    ],
+    ids=["smooth", "rotate-residual"],
+)
+def test_equivalent_passes_keep_prefill_and_decode(folders, calib_text, eval_rows, tmp_path, passes, changed):
+    """Passes alone, verified by qpass on both programs, and checked here on held-out rows."""
     for arch in ("llama", "qwen2"):
-        src, out = folders[arch], tmp_path / f"smooth_{arch}"
-        recipe = {"passes": [{"smooth_quant": {"alpha": 0.5}}], **PASSES_ONLY}
+        src, out = folders[arch], tmp_path / arch
+        recipe = {**passes, **PASSES_ONLY}
         result = qpass.quantize_with_report(str(src), recipe, calib_text, output_dir=out, **CALIB)
-        (smooth,) = result.report.results
-        assert sum(n.applied for n in smooth.plan.notes) == 7
-        assert smooth.max_rel_error is not None and smooth.max_rel_error <= 1e-4
+        for res in result.report.results:
+            assert res.max_rel_error is not None and res.max_rel_error <= 1e-4, res.name
+        last = result.report.results[-1].plan.notes
+        assert sum(n.applied for n in last) >= 7, [(n.site, n.detail) for n in last]
+        if "rotate" in str(passes):
+            stream = next(n for n in last if n.site.startswith("residual stream"))
+            assert stream.applied and stream.detail.count("fused norm at") == 4, stream.detail
         ref, new = HandFed(src), HandFed(out)
         for row in eval_rows:
             for a, b in zip(new.prefill_decode(row), ref.prefill_decode(row), strict=True):
                 assert rel_err(a, b) <= 1e-4, arch
-        w_ref = onnx.load(str(src / "model.onnx")).graph.initializer
+        w_ref = {t.name: t for t in onnx.load(str(src / "model.onnx")).graph.initializer}
         w_new = {t.name: t for t in onnx.load(str(out / "model.onnx")).graph.initializer}
-        gamma = next(t for t in w_ref if t.name == "model.layers.0.input_layernorm.weight")
-        changed = onnx.numpy_helper.to_array(w_new[gamma.name]) - onnx.numpy_helper.to_array(gamma)
-        assert np.abs(changed).max() > 1e-3  # the norm really took the smoothing factors
+        delta = onnx.numpy_helper.to_array(w_new[changed]) - onnx.numpy_helper.to_array(w_ref[changed])
+        assert np.abs(delta).max() > 1e-3  # the constant really took the transform
         assert greedy(out, "The quick brown fox", 8) == greedy(src, "The quick brown fox", 8), arch
 
 
@@ -179,13 +199,13 @@ def test_equivalent_pass_keeps_prefill_and_decode(folders, calib_text, eval_rows
 # max |logit error| / max |logit| over held-out prefill and decode logits).
 # Measured (seq_len 24 x 3 calibration rows, 2 held-out rows of 32 + 1 tokens):
 # 0.037, 0.42, 0.38, 0.38, 0.034; a broken cache or mis-fed decode step gives errors of order 1.
-# Static QDQ keeps its 11 MatMuls between Q/DQ; w4a8-rotate's 9 are its online rotations (the
-# residual Adds are fused into the Skip norms, so no offline QuaRot layout is found).
+# Static QDQ keeps its 11 MatMuls between Q/DQ; w4a8-rotate's 4 are its online Hadamards before
+# down_proj and o_proj (V is packed with q/k, so it cannot take o_proj's rotation offline).
 QUANTIZED = [
     ("w8a8-dynamic", "llama", "MatMulIntegerToFloat", 0, 0.08),
     ("w4a16-gptq", "llama", "MatMulNBits", 0, 0.6),
     ("w8a8-smooth", "llama", "MatMul", 11, 0.6),
-    ("w4a8-rotate", "llama", "MatMulIntegerToFloat", 9, 0.6),
+    ("w4a8-rotate", "llama", "MatMulIntegerToFloat", 4, 0.6),
     ("w8a8-smooth-dynamic", "qwen2", "MatMulIntegerToFloat", 0, 0.08),
 ]
 

@@ -17,12 +17,12 @@ import torch
 
 from qpass.errors import PassError
 from qpass.graph.edits import ExpandChannels, InsertRotation, SplitOp
-from qpass.graph.onnx_contrib import attention_qkv, norm_param_values, writes_state
+from qpass.graph.onnx_contrib import attention_qkv, norm_param_values, residual_sum_values, writes_state
 from qpass.graph.onnx_load import lift_constants
 from qpass.graph.onnx_run import is_lazy, ort_session, run_session
 from qpass.graph.onnx_shapes import infer_missing_shapes
 from qpass.graph.optable import onnx_kind
-from qpass.graph.refs import ALL_KINDS, ConstRef, NormParams, OpKind, OpRef, ValueRef, WeightRef
+from qpass.graph.refs import ALL_KINDS, ConstRef, NormParams, OpKind, OpRef, ResidualSum, ValueRef, WeightRef
 from qpass.graph.view import GraphView
 
 KIND_KEY = "qpass.kind"  # node metadata marking ops qpass inserted (kept in the saved model)
@@ -126,9 +126,7 @@ class OnnxGraphView(GraphView):
         return ValueRef(self.node(op).outputs[0].name)
 
     def producer(self, value: ValueRef) -> OpRef | None:
-        """A later output (a Skip norm's residual sum, attention's present) is not what the node's
-        kind describes: its producer has kind OTHER, so no walk takes the sum for the norm's output.
-        """
+        """A later output (a Skip norm's residual sum, attention's present) has kind OTHER: not the kind's."""
         v = self._values[value.name]
         node = v.producer()
         if node is not None and v.index():
@@ -199,6 +197,13 @@ class OnnxGraphView(GraphView):
             self._const(gamma) if self._is_const(gamma) else None,
             self._const(beta) if self._is_const(beta) else None,
         )
+
+    def residual_sum(self, op: OpRef) -> ResidualSum | None:
+        found = residual_sum_values(self.node(op))
+        if found is None or not all(v is not None and not self._is_const(v) for v in found[0]):
+            return None
+        bias = self._const(found[1]) if self._is_const(found[1]) else None
+        return ResidualSum(tuple(ValueRef(v.name) for v in found[0]), bias, found[2] and ValueRef(found[2].name))
 
     def attention_operands(self, op: OpRef) -> tuple[ValueRef | None, ValueRef | None, ValueRef | None]:
         refs = [None if x is None or self._is_const(x) else ValueRef(x.name) for x in attention_qkv(self.node(op))]

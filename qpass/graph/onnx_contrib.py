@@ -23,6 +23,14 @@ NORM_PARAM_INPUTS: dict[str, tuple[int, int | None]] = {
 }
 
 
+# fused residual norms: op type -> (number of summed activation inputs, bias input); output 3 is the sum
+RESIDUAL_SUM_INPUTS: dict[str, tuple[int, int]] = {
+    "SkipLayerNormalization": (2, 4),
+    "SkipSimplifiedLayerNormalization": (2, 3),
+}
+SUM_OUTPUT = 3
+
+
 def _input(node: ir.Node, index: int | None) -> ir.Value | None:
     return node.inputs[index] if index is not None and len(node.inputs) > index else None
 
@@ -42,3 +50,14 @@ def attention_qkv(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None, ir.V
 def writes_state(node: ir.Node) -> bool:
     """Whether any output after the first is read or leaves the graph (attention's present K/V)."""
     return any(out.uses() or out.is_graph_output() for out in node.outputs[1:])
+
+
+def residual_sum_values(node: ir.Node) -> tuple[list[ir.Value], ir.Value | None, ir.Value | None] | None:
+    """(summed inputs, bias input, sum output) of a fused residual norm; None for any other node."""
+    layout = RESIDUAL_SUM_INPUTS.get(node.op_type)
+    if layout is None:
+        return None
+    count, bias_at = layout
+    total = node.outputs[SUM_OUTPUT] if len(node.outputs) > SUM_OUTPUT else None
+    used = total is not None and (total.uses() or total.is_graph_output())
+    return [node.inputs[i] for i in range(count)], _input(node, bias_at), total if used else None
