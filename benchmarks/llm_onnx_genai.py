@@ -4,7 +4,8 @@ run on the builder's fp32 graph (like for like), in one run.
 Rows: builder fp32; builder int4 at its defaults (RTN, block 32; on CPU its default
 accuracy_level is 4: int8 compute of A); builder int4 with k-quant; qpass `w4a16-gptq` at the
 builder's block size (32) with accuracy_level 4 (the same MatMulNBits compute) and with the
-recipe's own lowering; qpass `w8a8-dynamic` and `w8a8-smooth-dynamic`. For each:
+recipe's own lowering; qpass `w8a8-dynamic`, `w8a8-smooth-dynamic`, `w8a8-smooth` (static) and
+`w4a8-rotate` (the QuaRot layout through the builder's Skip norms). For each:
 - perplexity: teacher-forced in plain onnxruntime (prefill with an empty past) over held-out
   rows of the `eval` split, tokenized by the folder's tokenizer.json; qpass calibrates on the
   disjoint `calib` split (qpass.quantize(folder, ...) with text);
@@ -171,6 +172,8 @@ def main() -> None:
         ("qpass w4a16-gptq g32 (recipe's lowering)", g32),
         ("qpass w8a8-dynamic", "w8a8-dynamic"),
         ("qpass w8a8-smooth-dynamic", "w8a8-smooth-dynamic"),
+        ("qpass w8a8-smooth (static)", "w8a8-smooth"),
+        ("qpass w4a8-rotate (QuaRot layout, GPTQ)", "w4a8-rotate"),
     ):
         out = work / f"qpass-{recipe if isinstance(recipe, str) else recipe['name']}"
         secs = None
