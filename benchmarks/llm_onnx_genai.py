@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--hf", type=Path, help="another transformers folder instead of SmolLM2 (a smoke run)")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--only", nargs="*", help="qpass rows whose label contains one of these (default: all)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -155,12 +156,34 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     hf = args.hf or smollm2_hf(work / "hf")
     fp32, secs = build(hf, work / "builder-fp32", "fp32")
-    rows: list[tuple[str, Path, float | None]] = [("GenAI builder fp32", fp32, secs)]
+    info = load_genai_folder(fp32)
+    eval_rows = text_rows(
+        info, "\n".join(text_corpus("eval")), GenAICalibration(args.seq_len - 1, args.eval_rows)
+    )
+    prompt = eval_rows[0][:PROMPT].astype(np.int32)
+    table: list[dict] = []
+
+    def measure(label: str, folder: Path, secs: float | None) -> None:
+        """One row: measured at once and the table rewritten, so a cut-short run keeps its rows."""
+        ppl = perplexity(folder, eval_rows)
+        load_before = load_text()
+        prefill_ms, tok_s = speed(folder, prompt)
+        row = {"model": label, "ppl": ppl, "prefill_ms": prefill_ms, "decode_tok_s": tok_s}
+        row |= {"mb": folder_mb(folder), "build_s": secs, "load": f"{load_before} -> {load_text()}"}
+        table.append(row)
+        print(json.dumps(row), flush=True)
+        write(table, args)
+
+    measure("GenAI builder fp32", fp32, secs)
     for label, name, extra in (
         ("GenAI builder int4 (defaults: RTN, block 32, accuracy_level 4)", "builder-int4", ()),
-        ("GenAI builder int4 k_quant (block 32, accuracy_level 4)", "builder-int4-kquant", ("algo_config=k_quant",)),
+        (
+            "GenAI builder int4 k_quant (block 32, accuracy_level 4)",
+            "builder-int4-kquant",
+            ("algo_config=k_quant",),
+        ),
     ):
-        rows.append((label, *build(hf, work / name, "int4", *extra)))
+        measure(label, *build(hf, work / name, "int4", *extra))
     calib = text_corpus("calib")
     g32 = qpass.get_recipe("w4a16-gptq").to_dict()
     g32["weights"]["group"] = 32
@@ -175,6 +198,8 @@ def main() -> None:
         ("qpass w8a8-smooth (static)", "w8a8-smooth"),
         ("qpass w4a8-rotate (QuaRot layout, GPTQ)", "w4a8-rotate"),
     ):
+        if args.only and not any(o in label for o in args.only):
+            continue
         out = work / f"qpass-{recipe if isinstance(recipe, str) else recipe['name']}"
         secs = None
         if not (out / "genai_config.json").is_file():
@@ -183,29 +208,7 @@ def main() -> None:
             t = time.perf_counter()
             qpass.quantize(str(fp32), recipe, calib, output_dir=out, **calib_opts)
             secs = time.perf_counter() - t
-        rows.append((label, out, secs))
-
-    info = load_genai_folder(fp32)
-    eval_rows = text_rows(info, "\n".join(text_corpus("eval")), GenAICalibration(args.seq_len - 1, args.eval_rows))
-    prompt = eval_rows[0][:PROMPT].astype(np.int32)
-    table = []
-    for label, folder, secs in rows:
-        ppl = perplexity(folder, eval_rows)
-        load_before = load_text()
-        prefill_ms, tok_s = speed(folder, prompt)
-        table.append(
-            {
-                "model": label,
-                "ppl": ppl,
-                "prefill_ms": prefill_ms,
-                "decode_tok_s": tok_s,
-                "mb": folder_mb(folder),
-                "build_s": secs,
-                "load": f"{load_before} -> {load_text()}",
-            }
-        )
-        print(json.dumps(table[-1]), flush=True)
-    write(table, args)
+        measure(label, out, secs)
 
 
 def write(table: list[dict], args: argparse.Namespace) -> None:
@@ -239,7 +242,6 @@ def write(table: list[dict], args: argparse.Namespace) -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "llm_onnx_genai.md").write_text("\n".join(lines) + "\n")
     (args.results / "llm_onnx_genai.json").write_text(json.dumps(table, indent=1) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
