@@ -23,6 +23,7 @@ Results: benchmarks/results/llm_onnx_genai.md (and .json).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -56,8 +57,13 @@ def smollm2_hf(folder: Path) -> Path:
     from qpass.zoo import load_smollm2
 
     model, tok = load_smollm2(copy_model=False)
-    model.config.use_cache = True
-    model.save_pretrained(folder)
+    config = copy.deepcopy(model.config)  # transformers refuses to save a model loaded from GGUF as is
+    config.use_cache = True
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
