@@ -169,8 +169,18 @@ def main() -> None:
     prompt = eval_rows[0][:PROMPT].astype(np.int32)
     table: list[dict] = []
 
+    built = work / "build_seconds.json"  # build times survive a re-run that only measures
+    known = json.loads(built.read_text()) if built.is_file() else {}
+    last = args.results / "llm_onnx_genai.json"  # or, for older work folders, the last results
+    earlier = {r["model"]: r["build_s"] for r in json.loads(last.read_text())} if last.is_file() else {}
+
     def measure(label: str, folder: Path, secs: float | None) -> None:
         """One row: measured at once and the table rewritten, so a cut-short run keeps its rows."""
+        if secs is None:
+            secs = known.get(folder.name, earlier.get(label))
+        else:
+            known[folder.name] = secs
+            built.write_text(json.dumps(known, indent=1))
         ppl = perplexity(folder, eval_rows)
         load_before = load_text()
         prefill_ms, tok_s = speed(folder, prompt)
@@ -233,7 +243,8 @@ def write(table: list[dict], args: argparse.Namespace) -> None:
         "og.Generator steps. Other jobs shared the 2 cores; the load average (1/5/15 min) before -> after "
         "each timing is beside it.",
         "",
-        "Build s: the builder's or qpass's time to write the folder (— where an earlier run had built it).",
+        "Build s: the builder's or qpass's time to write the folder (an earlier run's, when that run built"
+        " it and this one only measured).",
         "",
         "| model | perplexity | vs fp32 | prefill ms | decode tok/s | MB | build s | load |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
