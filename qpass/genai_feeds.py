@@ -64,8 +64,11 @@ def read_text(source: str | os.PathLike | Sequence[str]) -> str:
 
 def text_rows(folder: GenAIFolder, text: str, calib: GenAICalibration) -> list[np.ndarray]:
     """Full, unpadded token rows of `seq_len + 1` tokens cut from `text` (tokenized by the folder)."""
-    from tokenizers import Tokenizer
-
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        msg = "text calibration of a GenAI folder needs the 'tokenizers' package (pip install tokenizers)"
+        raise CalibrationError(msg) from exc
     if not folder.tokenizer_file.is_file():
         msg = f"{folder.tokenizer_file}: not found; text calibration tokenizes with the folder's tokenizer"
         raise CalibrationError(msg)
