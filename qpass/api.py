@@ -16,12 +16,14 @@ import torch
 from qpass.causal_lm import is_causal_lm, quantize_causal_lm
 from qpass.data import onnx_batches, torch_batches
 from qpass.errors import ConfigError, PassError
+from qpass.genai_feeds import GenAICalibration, calibration_feeds
+from qpass.genai_folder import copy_folder_rest, is_genai_folder, load_genai_folder, updated_config
 from qpass.graph.fx import FxGraphView
 from qpass.graph.fx_capture import capture, clone_graph_module
 from qpass.graph.onnx import OnnxGraphView
 from qpass.graph.onnx_load import load_model
 from qpass.graph.view import GraphView
-from qpass.io import check_output_path, save_onnx
+from qpass.io import atomic_folder, check_output_path, save_onnx
 from qpass.pass_manager import PassReport
 from qpass.plan import plan_recipe
 from qpass.recipe import Recipe, get_recipe
@@ -81,6 +83,14 @@ def quantize_with_report(
     (`qpass.causal_lm`; `lm_options`: `tokenizer=` for text calibration, `seq_len=`, `inplace=`).
     """
     recipe = get_recipe(recipe)
+    if _is_folder(model):  # an ONNX Runtime GenAI folder in, a folder out
+        output_dir = lm_options.pop("output_dir", None)
+        if output_dir is None:
+            msg = f"{model}: a GenAI model folder is quantized into a folder; pass output_dir="
+            raise ConfigError(msg)
+        genai = {k: lm_options.pop(k) for k in ("seq_len", "max_rows") if k in lm_options}
+        options = {"verify": verify, "tolerance": tolerance, "progress": progress, **lm_options}
+        return quantize_genai(model, output_dir, recipe, calibration, GenAICalibration(**genai), **options)
     if is_causal_lm(model):  # a transformers LM: quantized in its own modules, still generates
         lm = quantize_causal_lm(
             model, recipe, calibration, verify=verify, tolerance=tolerance, progress=progress, **lm_options
@@ -118,6 +128,45 @@ def quantize_with_report(
     return QuantizeResult(out, report, recipe)
 
 
+def _is_folder(model: Any) -> bool:
+    return isinstance(model, (str, os.PathLike)) and (is_genai_folder(model) or Path(model).is_dir())
+
+
+def quantize_genai(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    recipe: str | Path | Recipe | Mapping[str, Any],
+    calibration: Any,
+    calib: GenAICalibration | None = None,
+    **options: Any,
+) -> QuantizeResult:
+    """An ONNX Runtime GenAI folder to a new one that `og.Model(dst)` loads (`qpass.genai_folder`).
+
+    `calibration`: a .txt path or a list of strings (tokenized by the folder's tokenizer.json into
+    full rows, `calib`), token rows, or `Feeds`. Every row is calibrated and verified twice: as a
+    prefill with an empty cache and as a decode step fed that prefill's present cache
+    (`qpass.genai_feeds`). The result's `model` is the output folder's path.
+    """
+    folder = load_genai_folder(src)
+    out = check_output_path(dst, (src,))
+    if out.resolve() == folder.path.resolve() or folder.path.resolve() in out.resolve().parents:
+        msg = f"{out}: the output folder is (inside) the input folder; choose another path"
+        raise ConfigError(msg)
+    feeds = calibration_feeds(folder, calibration, calib or GenAICalibration())
+    result = quantize_with_report(str(folder.decoder), recipe, feeds, as_proto=False, **options)
+    model = result.model
+    config = updated_config(
+        folder, [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
+    )
+    with atomic_folder(out) as tmp:
+        decoder = tmp / folder.decoder.relative_to(folder.path)
+        decoder.parent.mkdir(parents=True, exist_ok=True)
+        save_onnx(model, decoder)
+        copy_folder_rest(folder, tmp, config)
+        (tmp / "qpass_recipe.yaml").write_text(result.recipe.to_yaml())
+    return QuantizeResult(out, result.report, result.recipe)
+
+
 def _source_fails_the_same(model: ModelLike, exc: PassError) -> bool:
     """Whether the user's model fails onnx.checker's full check with the same first line as `exc`."""
     try:
@@ -136,7 +185,8 @@ def quantize(
     model: ModelLike, recipe: str | Path | Recipe | Mapping[str, Any], calibration: Any, **options: Any
 ) -> Any:
     """Quantize a model: nn.Module/ExportedProgram in, GraphModule out; ONNX in, ModelProto out;
-    a transformers causal LM in, the same model class out (it still `generate()`s).
+    a transformers causal LM in, the same model class out (it still `generate()`s); an ONNX
+    Runtime GenAI folder in (with `output_dir=`), the written output folder's path out.
     """
     return quantize_with_report(model, recipe, calibration, **options).model
 

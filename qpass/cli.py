@@ -112,14 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "input",
-        help="an .onnx model (opened read-only), a torch 'module:factory', or a transformers causal LM "
-        "folder / shipped name (smollm2, qwen25: written as a folder that `qpass generate` runs)",
+        help="an .onnx model (opened read-only), a torch 'module:factory', a transformers causal LM "
+        "folder / shipped name (smollm2, qwen25: written as a folder that `qpass generate` runs), or an "
+        "ONNX Runtime GenAI folder (genai_config.json; written as a folder og.Model loads, --calib text)",
     )
     q.add_argument(
         "-o",
         "--output",
         required=True,
-        help="output .onnx (ONNX input), .pt2 (torch input) or folder (causal LM), written atomically",
+        help="output .onnx (ONNX input), .pt2 (torch input) or folder (causal LM, GenAI folder), "
+        "written atomically",
     )
     q.add_argument(
         "--recipe", required=True, help="built-in recipe name (see `qpass recipes`) or a recipe file"

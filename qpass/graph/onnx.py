@@ -17,27 +17,13 @@ import torch
 
 from qpass.errors import PassError
 from qpass.graph.edits import ExpandChannels, InsertRotation, SplitOp
+from qpass.graph.onnx_contrib import attention_qkv, norm_param_values, residual_sum_values, writes_state
+from qpass.graph.onnx_load import lift_constants
 from qpass.graph.onnx_run import is_lazy, ort_session, run_session
 from qpass.graph.onnx_shapes import infer_missing_shapes
 from qpass.graph.optable import onnx_kind
-from qpass.graph.refs import ALL_KINDS, ConstRef, NormParams, OpKind, OpRef, ValueRef, WeightRef
+from qpass.graph.refs import ALL_KINDS, ConstRef, NormParams, OpKind, OpRef, ResidualSum, ValueRef, WeightRef
 from qpass.graph.view import GraphView
-
-
-def _lift_constants(graph: ir.Graph) -> None:
-    """Constant nodes holding tensors become initializers, so passes can read and rescale them."""
-    for node in list(graph):
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes:
-            out = node.outputs[0]
-            if out.is_graph_output():  # a graph output stays the Constant's own: nothing to rescale
-                continue
-            tensor = node.attributes["value"].as_tensor()
-            init = ir.Value(name=out.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
-            init.const_value = tensor
-            graph.register_initializer(init)
-            out.replace_all_uses_with(init)
-            graph.remove(node, safe=True)
-
 
 KIND_KEY = "qpass.kind"  # node metadata marking ops qpass inserted (kept in the saved model)
 
@@ -51,7 +37,7 @@ class OnnxGraphView(GraphView):
         self.model = model
         self.origin = origin  # the file (or a description) named in errors
         self.graph = model.graph
-        _lift_constants(self.graph)
+        lift_constants(self.graph)
         self._name_everything()
         self.inferred = infer_missing_shapes(model)  # shapes the file lacks (`forget_inferred_shapes`)
         self._session_cache: dict[tuple[str, ...], Any] = {}
@@ -140,7 +126,11 @@ class OnnxGraphView(GraphView):
         return ValueRef(self.node(op).outputs[0].name)
 
     def producer(self, value: ValueRef) -> OpRef | None:
-        node = self._values[value.name].producer()
+        """A later output (a Skip norm's residual sum, attention's present) has kind OTHER: not the kind's."""
+        v = self._values[value.name]
+        node = v.producer()
+        if node is not None and v.index():
+            return OpRef(node.name, OpKind.OTHER, f"{node.op_type}[output {v.index()}]")
         return self._op(node) if node is not None else None
 
     def consumers(self, value: ValueRef) -> Sequence[OpRef]:
@@ -202,12 +192,25 @@ class OnnxGraphView(GraphView):
         rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
         if axis != -1 and (rank is None or axis != rank - 1):
             return None  # normalised over more than the channel axis
-        gamma = node.inputs[1] if len(node.inputs) > 1 else None
-        beta = node.inputs[2] if len(node.inputs) > 2 and op.kind is OpKind.LAYER_NORM else None
+        gamma, beta = norm_param_values(node, op.kind is OpKind.LAYER_NORM)
         return NormParams(
             self._const(gamma) if self._is_const(gamma) else None,
             self._const(beta) if self._is_const(beta) else None,
         )
+
+    def residual_sum(self, op: OpRef) -> ResidualSum | None:
+        found = residual_sum_values(self.node(op))
+        if found is None or not all(v is not None and not self._is_const(v) for v in found[0]):
+            return None
+        bias = self._const(found[1]) if self._is_const(found[1]) else None
+        return ResidualSum(tuple(ValueRef(v.name) for v in found[0]), bias, found[2] and ValueRef(found[2].name))
+
+    def attention_operands(self, op: OpRef) -> tuple[ValueRef | None, ValueRef | None, ValueRef | None]:
+        refs = [None if x is None or self._is_const(x) else ValueRef(x.name) for x in attention_qkv(self.node(op))]
+        return refs[0], refs[1], refs[2]
+
+    def writes_cache(self, op: OpRef) -> bool:
+        return writes_state(self.node(op))
 
     def clip_bounds(self, op: OpRef) -> tuple[float, float] | None:
         if op.op_type == "Relu":

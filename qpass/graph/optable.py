@@ -13,13 +13,17 @@ _TABLE: list[tuple[OpKind, tuple[str, ...], tuple[str, ...]]] = [
     (OpKind.MATMUL, ("matmul", "mm", "bmm"), ("MatMul",)),
     (OpKind.CONV, ("conv1d", "conv2d", "conv3d", "convolution"), ("Conv",)),
     (OpKind.CONV_TRANSPOSE, ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), ("ConvTranspose",)),
-    (OpKind.LAYER_NORM, ("layer_norm", "native_layer_norm"), ("LayerNormalization",)),
-    (OpKind.RMS_NORM, ("rms_norm",), ("RMSNormalization", "SimplifiedLayerNormalization")),
+    (OpKind.LAYER_NORM, ("layer_norm", "native_layer_norm"), ("LayerNormalization", "SkipLayerNormalization")),
+    (
+        OpKind.RMS_NORM,
+        ("rms_norm",),
+        ("RMSNormalization", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"),
+    ),
     (OpKind.MUL, ("mul",), ("Mul",)),
     (OpKind.ADD, ("add",), ("Add",)),
     (OpKind.SUB, ("sub",), ("Sub",)),
     (OpKind.DIV, ("div",), ("Div",)),
-    (OpKind.ATTENTION, ("scaled_dot_product_attention",), ("Attention",)),
+    (OpKind.ATTENTION, ("scaled_dot_product_attention",), ("Attention", "GroupQueryAttention")),
     (
         OpKind.ACTIVATION,
         ("gelu", "silu", "relu", "tanh", "sigmoid", "erf", "hardtanh", "elu", "leaky_relu", "clamp", "relu6"),
@@ -41,6 +45,8 @@ _TABLE: list[tuple[OpKind, tuple[str, ...], tuple[str, ...]]] = [
     (OpKind.SHAPE_OF, ("sym_size", "size", "sym_numel", "_assert_tensor_metadata"), ("Shape", "Size")),
 ]
 
+# ONNX Runtime's fused residual norms (Skip*) and GroupQueryAttention: their inputs and outputs by
+# position are read in `onnx_contrib`.
 ATEN_KINDS: dict[str, OpKind] = {name: kind for kind, aten, _ in _TABLE for name in aten}
 ONNX_KINDS: dict[str, OpKind] = {name: kind for kind, _, onnx in _TABLE for name in onnx}
 

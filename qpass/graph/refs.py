@@ -81,6 +81,17 @@ class WeightRef:
 
 
 @dataclass(frozen=True)
+class ResidualSum:
+    """A norm that first adds its inputs (ONNX Runtime's Skip*LayerNormalization): the summed
+    activations, a constant bias added with them, and the sum itself when the op emits it.
+    """
+
+    inputs: tuple[ValueRef, ...]
+    bias: ConstRef | None
+    total: ValueRef | None
+
+
+@dataclass(frozen=True)
 class NormParams:
     """The per-channel affine parameters of a normalisation op (gamma, beta), channel axis last."""
 

@@ -25,7 +25,7 @@ from qpass.graph.edits import (
     ShiftChannels,
     SplitOp,
 )
-from qpass.graph.refs import ALL_KINDS, ConstRef, NormParams, OpKind, OpRef, ValueRef, WeightRef
+from qpass.graph.refs import ALL_KINDS, ConstRef, NormParams, OpKind, OpRef, ResidualSum, ValueRef, WeightRef
 
 Feeds = Mapping[str, Any]
 
@@ -80,6 +80,26 @@ class GraphView(abc.ABC):
     @abc.abstractmethod
     def norm_params(self, op: OpRef) -> NormParams | None:
         """Gamma/beta of a LAYER_NORM/RMS_NORM op (normalised over the last axis only)."""
+
+    def residual_sum(self, op: OpRef) -> ResidualSum | None:
+        """For a norm that normalises the sum of its inputs (a residual Add fused into it), what it
+        adds and the sum it emits; None for a plain norm.
+        """
+        return None
+
+    def attention_operands(self, op: OpRef) -> tuple[ValueRef | None, ValueRef | None, ValueRef | None]:
+        """(q, k, v) activations of an ATTENTION op; None where an input is absent (ONNX Runtime's
+        GroupQueryAttention given one packed q|k|v projection in its first input).
+        """
+        acts = self.value_operands(op)
+        q, k, v = (*acts[:3], None, None, None)[:3]
+        return q, k, v
+
+    def writes_cache(self, op: OpRef) -> bool:
+        """Whether the op also emits state beyond its first output (attention's present K/V): a
+        factor on V would then reach that state, which the next step reads back.
+        """
+        return False
 
     def clip_bounds(self, op: OpRef) -> tuple[float, float] | None:
         """(lo, hi) of a ReLU / ReLU6 / Clip / hardtanh / clamp with constant scalar bounds, else None.

@@ -127,7 +127,7 @@ def find_absorber(view: GraphView, value: ValueRef, channels: int) -> Absorber |
             if len(acts) != 1:
                 return f"{op.op_type} '{op.name}' is not a plain cast"
             current = acts[0]
-        elif op.kind in HEAD_LAYOUT:
+        elif op.kind in (*HEAD_LAYOUT, OpKind.ATTENTION):
             found = _through_attention(view, current, channels)
             if isinstance(found, Absorber) and targets:  # bias adds before the attention path
                 found = Absorber(
@@ -161,8 +161,15 @@ def _through_attention(view: GraphView, value: ValueRef, channels: int) -> Absor
         operands = view.value_operands(op)
         if op.kind in LAYOUT and operands:
             current = operands[0]
-        elif op.kind is OpKind.ATTENTION and mixed is None and len(operands) >= 3:
-            mixed, current = op, operands[2]
+        elif op.kind is OpKind.ATTENTION and mixed is None:
+            v_in = view.attention_operands(op)[2]
+            if v_in is None:
+                return f"{op.op_type} '{op.name}' reads V packed with q and k in one input"
+            if view.writes_cache(op):
+                return f"{op.op_type} '{op.name}' writes V into its cache (present), which a factor would change"
+            if len(view.shape(v_in) or ()) < 4:
+                return f"{op.op_type} '{op.name}' reads V with its heads merged in the channels"
+            mixed, current = op, v_in
         elif op.kind is OpKind.MATMUL and mixed is None and len(operands) == 2:
             mixed, current = op, operands[1]
         elif mixed is not None and op.kind in (OpKind.LINEAR, OpKind.ADD):

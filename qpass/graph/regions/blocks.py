@@ -6,7 +6,7 @@ with a residual Add. Cutting the graph's ops, in topological order, right after 
 gives one block per sublayer: a norm, the linears behind it, and the Add. What comes before the
 first block (the embedding, the position tables) is in block 0; what follows the last Add (the
 final norm and the output head) is the tail block. The residual Adds come from the shared
-residual-stream walker (`qpass.graph.regions.residual`), so the same rule holds for pre-norm,
+residual-stream walker (`qpass.graph.regions.streams`), so the same rule holds for pre-norm,
 post-norm, LayerNorm and RMSNorm stacks alike. A graph with no residual stream is one block.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qpass.graph.refs import OpRef
-from qpass.graph.regions.residual import residual_adds
+from qpass.graph.regions.streams import residual_adds
 from qpass.graph.view import GraphView, iter_quantizable_ops
 
 

@@ -1,8 +1,9 @@
 """The QuaRot layout: one rotation Q fused offline into the whole residual stream.
 
-The residual stream is found from graph structure, not names: the values joined by residual
-Adds (two activations of the same static width), plus the casts of them. Every op that writes
-into it must emit x Q instead of x, every op that reads it must undo Q:
+The residual stream is found from graph structure, not names (`streams`): the values joined by
+residual Adds (two activations of the same static width) or by norms that sum their inputs (ONNX
+Runtime's Skip norms: they read the stream too, and must have their gamma fused), plus casts.
+Every op that writes into it must emit x Q instead of x, every op that reads it must undo Q:
 - writers: a linear (o_proj, down_proj: Q on its output rows and bias), an embedding lookup
   from a constant table (Q on the table's columns); a graph input, or an embedding whose table is
   shared with another op (tied lm_head), gets an inserted x @ Q after it (online);
@@ -28,11 +29,11 @@ from qpass.graph.edits import Edit, InsertRotation, RotateChannels, SiteNote
 from qpass.graph.refs import ConstRef, OpKind, OpRef, ValueRef
 from qpass.graph.regions.absorbers import find_absorber
 from qpass.graph.regions.sites import is_channel_vector, last_dim
+from qpass.graph.regions.streams import SQUARE_OPS, Component, components, only_one_act
 from qpass.graph.view import GraphView
 
 MatrixFn = Callable[[int], tuple[torch.Tensor, str]]
 
-_SQUARE_OPS = ("pow", "Pow")
 _MEAN_OPS = ("mean", "ReduceMean", "sum", "ReduceSum")  # sum of squares: invariant under rotation
 _EMBEDDING_OPS = ("embedding", "Gather")
 
@@ -47,14 +48,6 @@ class ResidualPlan:
 
 
 @dataclass
-class _Component:
-    width: int
-    values: set[str]
-    adds: set[str]  # residual Add ops inside the component
-    casts: set[str]  # casts between two stream values
-
-
-@dataclass
 class _Norm:
     """A normalisation reading a stream value: the ops that read it and the value it emits."""
 
@@ -64,88 +57,11 @@ class _Norm:
     gamma: ConstRef | None  # a per-channel gamma that is not uniform (prevents commuting)
 
 
-def _residual_add(view: GraphView, op: OpRef) -> int | None:
-    """Width of a residual Add (two different activations, same static last dim), else None."""
-    if op.kind is not OpKind.ADD or any(isinstance(i, ConstRef) for i in view.op_inputs(op)):
-        return None
-    acts = view.value_operands(op)
-    if len(acts) != 2 or acts[0] == acts[1]:
-        return None
-    dims = {last_dim(view, v) for v in (*acts, view.op_output(op))}
-    ranks = {len(view.shape(v) or ()) for v in (*acts, view.op_output(op))}
-    if len(dims) != 1 or None in dims or len(ranks) != 1 or ranks == {1}:
-        return None
-    return dims.pop()
-
-
-def _components(view: GraphView) -> list[_Component]:
-    """Values joined by residual Adds and by casts (union-find), each with a linear or norm reader."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    adds: dict[str, int] = {}
-    casts: set[str] = set()
-    for op in view.ops(frozenset({OpKind.ADD, OpKind.CAST})):
-        out = view.op_output(op)
-        if op.kind is OpKind.CAST:
-            if not _only_one_act(view, op):
-                continue
-            (src,) = view.value_operands(op)
-            if last_dim(view, src) is None or last_dim(view, src) != last_dim(view, out):
-                continue
-            casts.add(op.name)
-            operands = [src]
-        else:
-            width = _residual_add(view, op)
-            if width is None:
-                continue
-            adds[op.name] = width
-            operands = view.value_operands(op)
-        for v in operands:
-            parent[find(v.name)] = find(out.name)
-    members: dict[str, set[str]] = {}
-    for name in list(parent):
-        members.setdefault(find(name), set()).add(name)
-    groups: dict[str, _Component] = {}
-    for op in view.ops(frozenset({OpKind.ADD, OpKind.CAST})):
-        root = find(view.op_output(op).name)
-        if op.name in adds:
-            comp = groups.setdefault(root, _Component(adds[op.name], members[root], set(), set()))
-            comp.adds.add(op.name)
-    for op in view.ops(frozenset({OpKind.CAST})):
-        comp = groups.get(find(view.op_output(op).name))
-        if comp is not None and op.name in casts:
-            comp.casts.add(op.name)
-    return [c for c in groups.values() if _has_stream_reader(view, c)]
-
-
-def residual_adds(view: GraphView) -> set[str]:
-    """The residual Adds of every stream component: where each block writes its result back."""
-    return {name for comp in _components(view) for name in comp.adds}
-
-
-def _has_stream_reader(view: GraphView, comp: _Component) -> bool:
-    """A residual stream is read by linears or norms (this leaves out e.g. RoPE's q*cos + r(q)*sin)."""
-    kinds = (OpKind.LINEAR, OpKind.LAYER_NORM, OpKind.RMS_NORM)
-    return any(
-        c.kind in kinds or c.op_type in _SQUARE_OPS for v in comp.values for c in view.consumers(ValueRef(v))
-    )
-
-
-def _only_one_act(view: GraphView, op: OpRef) -> bool:
-    return len(view.value_operands(op)) == 1
-
-
 def _skip_casts(view: GraphView, value: ValueRef) -> ValueRef:
     """Follow a chain of single-consumer casts forward."""
     while True:
         users = [c for c in view.consumers(value) if c.kind is not OpKind.SHAPE_OF]
-        if len(users) == 1 and users[0].kind is OpKind.CAST and _only_one_act(view, users[0]):
+        if len(users) == 1 and users[0].kind is OpKind.CAST and only_one_act(view, users[0]):
             value = view.op_output(users[0])
         else:
             return value
@@ -185,11 +101,11 @@ def _rms_norm_at(view: GraphView, value: ValueRef, mul: OpRef, width: int) -> _N
         if len(users) != 1:
             return f"'{current.name}' inside the norm feeds other ops"
         op = view.producer(current)
-        if op is None or not _only_one_act(view, op):
+        if op is None or not only_one_act(view, op):
             return f"'{current.name}' is not computed from the stream alone"
         (src,) = view.value_operands(op)
         if src == value:
-            if op.op_type not in _SQUARE_OPS:
+            if op.op_type not in SQUARE_OPS:
                 return f"{op.op_type} '{op.name}' reads the stream inside the norm (not a square)"
             if not reduced:
                 return f"no mean over the channels between '{op.name}' and '{mul.name}'"
@@ -262,7 +178,7 @@ class _Rewrite:
     described: list[str] = field(default_factory=list)
 
 
-def _plan_component(view: GraphView, comp: _Component) -> _Rewrite | str:
+def _plan_component(view: GraphView, comp: Component) -> _Rewrite | str:
     d, rw = comp.width, _Rewrite()
     rotated: set[str] = set()
     values = sorted(comp.values)
@@ -280,6 +196,10 @@ def _plan_component(view: GraphView, comp: _Component) -> _Rewrite | str:
                 return failed
     for name in values:
         failed = _plan_readers(view, comp, ValueRef(name), rw)
+        if failed:
+            return failed
+    for op in comp.fused.values():
+        failed = _plan_fused_norm(view, op, d, rw)
         if failed:
             return failed
     if not rw.covered:
@@ -311,7 +231,7 @@ def _plan_writer(
     return None
 
 
-def _plan_readers(view: GraphView, comp: _Component, value: ValueRef, rw: _Rewrite) -> str | None:
+def _plan_readers(view: GraphView, comp: Component, value: ValueRef, rw: _Rewrite) -> str | None:
     d = comp.width
     consumers = [
         c
@@ -355,10 +275,33 @@ def _plan_readers(view: GraphView, comp: _Component, value: ValueRef, rw: _Rewri
     return None
 
 
+def _plan_fused_norm(view: GraphView, op: OpRef, d: int, rw: _Rewrite) -> str | None:
+    """A norm that sums stream values and normalises the sum (a Skip norm): the sum stays in the
+    stream, so the norm cannot read through an inserted inverse. It commutes with Q once its gamma
+    is fused; its bias joins the stream (Q on it) and its output linears take Q in their columns.
+    """
+    norm = _fused_norm(view, op, d)
+    if isinstance(norm, str):
+        return norm
+    if norm.gamma is not None:
+        return f"{op.op_type} '{op.name}' sums into the stream with a per-channel gamma (run fuse_norms)"
+    linears = _linear_readers(view, norm.output, d)
+    if isinstance(linears, str):
+        return f"{op.op_type} '{op.name}' output: {linears}"
+    bias = view.residual_sum(op).bias
+    if bias is not None:
+        rw.offline.append((bias, len(bias.shape) - 1))
+    rw.layer_norm |= norm.layer_norm
+    rw.offline += [(view.weight(c).const, view.weight(c).in_axis) for c in linears]
+    rw.covered.append(norm.output.name)
+    rw.described.append(f"fused norm at '{op.name}' -> {len(linears)} linears")
+    return None
+
+
 def plan_residual(view: GraphView, matrix: MatrixFn) -> ResidualPlan:
     """Rotate each residual component that every writer and reader can absorb (see module doc)."""
     out = ResidualPlan()
-    for comp in _components(view):
+    for comp in components(view):
         label = f"residual stream of {len(comp.adds)} adds (width {comp.width})"
         rw = _plan_component(view, comp)
         if isinstance(rw, str):
