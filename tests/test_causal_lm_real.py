@@ -69,7 +69,8 @@ def test_low_bit_recipes_generate(smollm2, recipe):
     _, tok, _ = smollm2
     q = _quantize(smollm2, recipe)
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids
-    out = q.generate(ids, max_new_tokens=8, do_sample=True, top_k=20)
+    torch.manual_seed(0)  # sampling: a sampled EOS would end the sequence early, so ask for all 8
+    out = q.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=True, top_k=20)
     assert out.shape == (1, ids.shape[1] + 8)
     assert q.config.use_cache and type(q).__name__ == "LlamaForCausalLM"
 
