@@ -60,7 +60,9 @@ W4_GPTQ, W4_GPTQ_G128 = {"format": "int4", **GPTQ}, {"format": "int4", **GPTQ_G1
 def _kept(builtin: str) -> dict:
     """A built-in QuaRot recipe whose fuse_norms keeps the gammas it measures as protective."""
     data = qpass.get_recipe(builtin).to_dict()
-    data["passes"] = [{"fuse_norms": {"keep_gamma": "auto"}}, *data["passes"][1:]]
+    data["passes"] = [
+        {"fuse_norms": {"keep_gamma": "auto"}} if "fuse_norms" in p else p for p in data["passes"]
+    ]
     return {**data, "name": f"{builtin} keep_gamma=auto"}
 
 

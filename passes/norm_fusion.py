@@ -24,6 +24,7 @@ import torch
 from qpass.calibration import StatKind, Stats
 from qpass.errors import ConfigError
 from qpass.graph.edits import Edit, ScaleChannels, ShiftChannels
+from qpass.graph.refs import ConstRef
 from qpass.graph.regions.absorbers import norm_constants
 from qpass.graph.regions.sites import Site, find_sites
 from qpass.graph.view import GraphView
@@ -86,7 +87,9 @@ class FuseNorms(QPass[FuseNormsConfig, Site]):
             return self._kept_gamma(site, view, stats, ctx, gamma)
         return None
 
-    def _kept_gamma(self, site: Site, view: GraphView, stats: Stats, ctx: PassContext, gamma) -> str | None:
+    def _kept_gamma(
+        self, site: Site, view: GraphView, stats: Stats, ctx: PassContext, gamma: ConstRef
+    ) -> str | None:
         """The reason to keep this gamma (measured), or None to fuse it."""
         st = stats[site.value]
         n = site.channels
